@@ -1,0 +1,92 @@
+import type { ModelConfig } from "../model/config.js";
+
+/**
+ * The seam between the runtime and a device. A step runs one forward pass over a batch of sequences,
+ * each appending some new tokens (a whole prompt, a prefill chunk, or one decoded token) to its paged KV
+ * cache, then samples the next token of every sequence that asks for one. Both backends (the fp32 CPU
+ * reference and CUDA) implement exactly this, and are tested against each other through it.
+ */
+export interface Backend {
+  readonly device: "cpu" | "cuda";
+  readonly config: ModelConfig;
+  /** The paged KV cache: `numBlocks` blocks of `blockSize` token slots, shared by all sequences. */
+  readonly kv: KvCacheShape;
+  /** A human-readable description for logs and benchmarks ("cpu fp32", "cuda bfloat16 on NVIDIA H100"). */
+  readonly description: string;
+  step(batch: StepBatch): Promise<StepResult>;
+  close(): Promise<void>;
+}
+
+export interface KvCacheShape {
+  blockSize: number;
+  numBlocks: number;
+}
+
+/**
+ * KV cache layout, per layer, for K and V alike: [numBlocks][numKvHeads][blockSize][headDim]. A block holds
+ * `blockSize` consecutive positions of one sequence; a head's slice of a block is contiguous, so attention
+ * reads it in one sweep.
+ */
+export interface StepBatch {
+  /** The new tokens of all sequences, concatenated in sequence order. */
+  tokens: Int32Array;
+  /** Sequence i's new tokens are tokens[queryStarts[i] .. queryStarts[i+1]); length numSeqs + 1. */
+  queryStarts: Int32Array;
+  /**
+   * Tokens in sequence i's cache after this step (its past plus its new tokens). The new tokens sit at
+   * positions contextLens[i] - queryLen .. contextLens[i] - 1.
+   */
+  contextLens: Int32Array;
+  /** Row i, `blockTableWidth` entries long, lists sequence i's KV blocks in position order. */
+  blockTables: Int32Array;
+  blockTableWidth: number;
+  /** 1 where a token is to be sampled after the sequence's last new token (0 for a non-final prefill chunk). */
+  sample: Uint8Array;
+  sampling: SamplingBatch;
+  /** Logits to return: none (the default), the last new token's row per sequence, or a row per new token. */
+  returnLogits?: "none" | "last" | "all";
+}
+
+/**
+ * Per-sequence sampling parameters, as parallel arrays (one entry per sequence). The sampling rule is
+ * specified by the CPU backend's sampler (src/engine/cpu/sampler.ts), which the GPU kernel follows.
+ */
+export interface SamplingBatch {
+  /** 0 means greedy. */
+  temperature: Float32Array;
+  /** 0 means no limit. */
+  topK: Int32Array;
+  /** 1 means no limit. */
+  topP: Float32Array;
+  /** 0 means no limit. */
+  minP: Float32Array;
+  /** 1 means none; Hugging Face's rule, over prompt and generated tokens. */
+  repetitionPenalty: Float32Array;
+  /** 0 means none; OpenAI's rule, over generated tokens. */
+  frequencyPenalty: Float32Array;
+  presencePenalty: Float32Array;
+  /** The random stream: draw `counter` of stream `seed` (counter = tokens generated so far). */
+  seed: Uint32Array;
+  counter: Uint32Array;
+  /**
+   * Tokens seen by the penalties, for sequences that have any (others have an empty range): sequence i's are
+   * history[historyStarts[i] .. historyStarts[i+1]), the first promptLens[i] of them from its prompt.
+   */
+  history: Int32Array;
+  historyStarts: Int32Array;
+  promptLens: Int32Array;
+  /** How many most likely alternatives to report beside each sampled token (0: only its own log-prob). */
+  topLogprobs: number;
+}
+
+export interface StepResult {
+  /** The sampled token per sequence; -1 where the batch's `sample` was 0. */
+  tokens: Int32Array;
+  /** Log-probability of each sampled token under the model's distribution (before penalties/temperature). */
+  logprobs: Float32Array;
+  /** numSeqs x topLogprobs: the most likely tokens and their log-probabilities, best first. */
+  topTokens: Int32Array;
+  topLogprobs: Float32Array;
+  /** Rows of vocabSize floats, as asked by `returnLogits`. */
+  logits?: Float32Array;
+}
