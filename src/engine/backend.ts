@@ -13,6 +13,8 @@ export interface Backend {
   readonly kv: KvCacheShape;
   /** A human-readable description for logs and benchmarks ("cpu fp32", "cuda bfloat16 on NVIDIA H100"). */
   readonly description: string;
+  /** Most decode steps one call may run back to back (StepBatch.steps). */
+  readonly maxSteps: number;
   step(batch: StepBatch): Promise<StepResult>;
   close(): Promise<void>;
 }
@@ -45,6 +47,14 @@ export interface StepBatch {
   sampling: SamplingBatch;
   /** Logits to return: none (the default), the last new token's row per sequence, or a row per new token. */
   returnLogits?: "none" | "last" | "all";
+  /**
+   * Decode steps to run back to back (default 1, at most the backend's maxSteps). Only for batches where
+   * every sequence has one new token, samples, wants no logits and no penalties: each sampled token becomes
+   * its sequence's next input at the next position (its block table must already cover it) and the draw
+   * counter moves on. The results then hold `steps` rows of numSeqs entries (step-major). On the GPU the
+   * steps run without the host in between, which is what makes small-batch decode fast.
+   */
+  steps?: number;
 }
 
 /**
@@ -80,7 +90,7 @@ export interface SamplingBatch {
 }
 
 export interface StepResult {
-  /** The sampled token per sequence; -1 where the batch's `sample` was 0. */
+  /** The sampled token per sequence (per step, step-major, for multi-step batches); -1 where `sample` was 0. */
   tokens: Int32Array;
   /** Log-probability of each sampled token under the model's distribution (before penalties/temperature). */
   logprobs: Float32Array;

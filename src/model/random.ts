@@ -8,20 +8,50 @@ import { expectedShapes, tensorNames } from "./weights.js";
  * two correct engines agree on it.
  */
 export function randomWeights(config: ModelConfig, seed: number): Map<string, Float32Array> {
-  const rng = new Rng(seed);
   const out = new Map<string, Float32Array>();
-  for (const [name, shape] of expectedShapes(config)) {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const values = new Float32Array(n);
-    if (shape.length === 1) {
-      // Norm gains near 1, but not exactly, so that a kernel ignoring them is caught.
-      for (let i = 0; i < n; i++) values[i] = 1 + 0.2 * rng.uniformSigned();
-    } else {
-      rng.fillUniform(values, stdFor(name, shape, config));
-    }
-    out.set(name, values);
+  for (const t of randomDraws(config, seed)) {
+    const values = new Float32Array(t.shape.reduce((a, b) => a * b, 1));
+    t.draw(values);
+    out.set(t.name, values);
   }
   return out;
+}
+
+/** One tensor of the random weights, drawn on demand. */
+export interface TensorDraw {
+  name: string;
+  shape: number[];
+  /** Fill `out` with the tensor's next out.length values. */
+  draw(out: Float32Array): void;
+}
+
+/**
+ * The same weights as randomWeights, drawn from one stream in expectedShapes order. A tensor may be drawn
+ * in pieces (each call goes on where the last stopped), so a billion-parameter model can be written out
+ * through a small buffer; the tensors must be drawn in order, each to its end.
+ */
+export function randomDraws(config: ModelConfig, seed: number): TensorDraw[] {
+  const rng = new Rng(seed);
+  const shapes = [...expectedShapes(config)];
+  const sizes = shapes.map(([, shape]) => shape.reduce((a, b) => a * b, 1));
+  // Where the stream is: which tensor, and how many of its values are still to come.
+  let current = 0;
+  let left = sizes[0];
+  return shapes.map(([name, shape], index) => ({
+    name,
+    shape,
+    draw(out: Float32Array) {
+      if (index !== current || out.length > left) throw new Error(`random tensor ${name} drawn out of order`);
+      if (shape.length === 1) {
+        // Norm gains near 1, but not exactly, so that a kernel ignoring them is caught.
+        for (let i = 0; i < out.length; i++) out[i] = 1 + 0.2 * rng.uniformSigned();
+      } else {
+        rng.fillUniform(out, stdFor(name, shape, config));
+      }
+      left -= out.length;
+      if (left === 0) left = sizes[++current];
+    },
+  }));
 }
 
 function stdFor(name: string, shape: number[], config: ModelConfig): number {

@@ -1,0 +1,63 @@
+#include "gemm.h"
+
+#include <string>
+
+namespace decima {
+
+static void check_lt(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) throw CudaError(std::string("cuBLASLt ") + what + " failed (status " + std::to_string((int)s) + ")");
+}
+
+Gemm::Gemm(size_t workspace_bytes) : workspace_bytes_(workspace_bytes) {
+  check_lt(cublasLtCreate(&handle_), "create");
+  CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+}
+
+Gemm::~Gemm() {
+  for (auto& [key, p] : plans_) {
+    cublasLtMatrixLayoutDestroy(p.a);
+    cublasLtMatrixLayoutDestroy(p.b);
+    cublasLtMatrixLayoutDestroy(p.c);
+    cublasLtMatmulDescDestroy(p.desc);
+  }
+  cudaFree(workspace_);
+  cublasLtDestroy(handle_);
+}
+
+// cuBLASLt is column-major: row-major Y[M][N] is column-major N x M, so compute Y^T = W X^T with W
+// (row-major N x K = column-major K x N) transposed and X^T (column-major K x M) as is.
+const Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate) {
+  const Key key{(int)dtype, m, n, k, y_fp32, accumulate};
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  const cudaDataType_t ab = dtype == DType::F16 ? CUDA_R_16F : CUDA_R_16BF;
+  const cudaDataType_t cd = y_fp32 ? CUDA_R_32F : ab;
+  Plan p{};
+  check_lt(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  const cublasOperation_t trans = CUBLAS_OP_T;
+  check_lt(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)), "transa");
+  check_lt(cublasLtMatrixLayoutCreate(&p.a, ab, k, n, k), "layout A");
+  check_lt(cublasLtMatrixLayoutCreate(&p.b, ab, k, m, k), "layout B");
+  check_lt(cublasLtMatrixLayoutCreate(&p.c, cd, n, m, n), "layout C");
+  cublasLtMatmulPreference_t pref;
+  check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)),
+           "workspace");
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  check_lt(s, "heuristic");
+  if (found == 0) throw CudaError("cuBLASLt has no algorithm for a " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " product");
+  p.algo = result.algo;
+  return plans_.emplace(key, p).first->second;
+}
+
+void Gemm::run(cudaStream_t stream, DType dtype, const void* w, const void* x, void* y, int m, int n, int k, bool y_fp32, bool accumulate) {
+  const Plan& p = plan(dtype, m, n, k, y_fp32, accumulate);
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+  check_lt(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, workspace_, workspace_bytes_, stream),
+           "matmul");
+}
+
+}  // namespace decima

@@ -1,0 +1,38 @@
+// Tensor-core matrix products through cuBLASLt, for prefill and batches past the GEMV kernels' range.
+#pragma once
+#include <cublasLt.h>
+
+#include <map>
+#include <tuple>
+
+#include "common.cuh"
+
+namespace decima {
+
+class Gemm {
+ public:
+  explicit Gemm(size_t workspace_bytes);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // Y[M][N] = X[M][K] W[N][K]^T (row-major, as PyTorch's Linear), plus Y when `accumulate`.
+  // X and W are `dtype`; Y is fp32 (`y_fp32`, e.g. the residual stream or logits) or `dtype`.
+  void run(cudaStream_t stream, DType dtype, const void* w, const void* x, void* y, int m, int n, int k, bool y_fp32, bool accumulate);
+
+ private:
+  using Key = std::tuple<int, int, int, int, bool, bool>;
+  struct Plan {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+  };
+  const Plan& plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate);
+
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_;
+  std::map<Key, Plan> plans_;
+};
+
+}  // namespace decima

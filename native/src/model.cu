@@ -1,0 +1,594 @@
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "advance.cuh"
+#include "attention_decode.cuh"
+#include "attention_prefill.cuh"
+#include "elementwise.cuh"
+#include "gemm.h"
+#include "gemv.cuh"
+#include "model.h"
+#include "rope_table.h"
+#include "sampling.cuh"
+
+namespace decima {
+namespace {
+
+std::string mib(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+// Device memory owned in one place: a failed allocation is a one-line error with what was asked and why.
+class Arena {
+ public:
+  ~Arena() {
+    for (void* p : device_) cudaFree(p);
+    for (void* p : host_) cudaFreeHost(p);
+  }
+  template <typename X> X* device(size_t count, const char* what) {
+    void* p = nullptr;
+    const size_t bytes = std::max<size_t>(count * sizeof(X), 256);
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw CudaError("out of GPU memory: " + mib(bytes) + " for " + what + ", " + mib(free_b) + " free of " + mib(total_b));
+    }
+    device_.push_back(p);
+    return static_cast<X*>(p);
+  }
+  template <typename X> X* host(size_t count, const char* what) {
+    void* p = nullptr;
+    if (cudaMallocHost(&p, std::max<size_t>(count * sizeof(X), 256)) != cudaSuccess) {
+      cudaGetLastError();
+      throw CudaError(std::string("cannot allocate pinned host memory for ") + what);
+    }
+    host_.push_back(p);
+    return static_cast<X*>(p);
+  }
+
+ private:
+  std::vector<void*> device_, host_;
+};
+
+constexpr int kMaxSteps = 64;           // decode steps in one call
+constexpr int kMaxPenaltyTokens = 1 << 18;
+
+// The per-step inputs live at fixed device addresses (captured graphs read them there); a pinned host
+// mirror with the same layout is filled and copied in at most three transfers.
+struct InputRegion {
+  int32_t *tokens, *positions, *slots, *query_starts, *context_lens, *last_rows, *dec_seqs, *pre_seqs, *top_k, *pen_starts;
+  uint32_t *seed, *counter;
+  float *temperature, *top_p, *min_p, *repetition, *frequency, *presence;
+  uint8_t* sample;
+  int32_t *block_tables, *pen_tokens, *pen_counts;
+  size_t fixed_words;
+
+  // Carve the region out of `base` (device or host), in 32-bit words; returns the words used.
+  size_t layout(uint32_t* base, int max_tokens, int max_seqs, int table_width) {
+    size_t used = 0;
+    auto take = [&](size_t words) {
+      uint32_t* r = base + used;
+      used += (words + 3) & ~size_t(3);  // keep 16-byte alignment
+      return r;
+    };
+    tokens = (int32_t*)take(max_tokens);
+    positions = (int32_t*)take(max_tokens);
+    slots = (int32_t*)take(max_tokens);
+    query_starts = (int32_t*)take(max_seqs + 1);
+    context_lens = (int32_t*)take(max_seqs);
+    last_rows = (int32_t*)take(max_seqs);
+    dec_seqs = (int32_t*)take(max_seqs);
+    pre_seqs = (int32_t*)take(max_seqs);
+    top_k = (int32_t*)take(max_seqs);
+    pen_starts = (int32_t*)take(max_seqs + 1);
+    seed = take(max_seqs);
+    counter = take(max_seqs);
+    temperature = (float*)take(max_seqs);
+    top_p = (float*)take(max_seqs);
+    min_p = (float*)take(max_seqs);
+    repetition = (float*)take(max_seqs);
+    frequency = (float*)take(max_seqs);
+    presence = (float*)take(max_seqs);
+    sample = (uint8_t*)take((max_seqs + 3) / 4);
+    fixed_words = used;
+    block_tables = (int32_t*)take((size_t)max_seqs * table_width);
+    pen_tokens = (int32_t*)take(kMaxPenaltyTokens);
+    pen_counts = (int32_t*)take(kMaxPenaltyTokens);
+    return used;
+  }
+};
+
+struct LayerWeights {
+  void *in_norm, *qkv, *o, *post_norm, *gate_up, *down;
+};
+
+template <typename T, int HD> class Runner final : public Model {
+ public:
+  Runner(const ModelDims& d, const RunnerOptions& o) : d_(d), o_(o), gemm_(32u << 20) {
+    table_width_ = ceil_div(d.max_pos, o.block_size);
+    max_parts_ = ceil_div(d.max_pos, kPartition);
+    allocate_weights();
+    allocate_workspace();
+    allocate_kv();
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  ~Runner() override {
+    for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+    cudaStreamDestroy(stream_);
+  }
+
+  int kv_blocks() const override { return kv_blocks_; }
+  std::vector<WeightInfo> weights() const override { return weight_info_; }
+  std::string describe() const override {
+    cudaDeviceProp p{};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaGetDeviceProperties(&p, dev);
+    return std::string("cuda ") + (d_.dtype == DType::F16 ? "float16" : "bfloat16") + " on " + p.name;
+  }
+
+  void upload(const std::string& name, int layer, const void* data, size_t bytes) override {
+    for (const auto& w : weight_info_) {
+      if (w.name != name || w.layer != layer) continue;
+      if (w.bytes != bytes) throw CudaError("weight " + name + " of layer " + std::to_string(layer) + " has " + std::to_string(bytes) + " bytes, expected " + std::to_string(w.bytes));
+      CUDA_CHECK(cudaMemcpy(weight_ptr_.at(key(name, layer)), data, bytes, cudaMemcpyHostToDevice));
+      return;
+    }
+    throw CudaError("unknown weight " + name + " (layer " + std::to_string(layer) + ")");
+  }
+
+  StepOutput step(const StepInput& in) override {
+    validate(in);
+    const bool decode_only = in.num_tokens == in.num_seqs && all_single(in);
+    if (in.steps > 1 && (!decode_only || in.logits != 0)) throw CudaError("several steps at once need a decode-only batch without logits");
+    if (decode_only && in.logits == 0) return decode(in);
+    return general(in);
+  }
+
+ private:
+  // ---- allocation ---------------------------------------------------------------------------------------
+
+  static std::string key(const std::string& name, int layer) { return name + "#" + std::to_string(layer); }
+
+  void add_weight(const std::string& name, int layer, size_t elements) {
+    weight_info_.push_back({name, layer, elements * sizeof(T)});
+  }
+
+  void allocate_weights() {
+    const size_t h = d_.hidden;
+    add_weight("embed", -1, (size_t)d_.vocab * h);
+    for (int i = 0; i < (int)d_.layers.size(); i++) {
+      const LayerDims& l = d_.layers[i];
+      add_weight("in_norm", i, h);
+      add_weight("qkv", i, (size_t)(l.heads + 2 * l.kv_heads) * l.head_dim * h);
+      add_weight("o", i, h * l.heads * l.head_dim);
+      add_weight("post_norm", i, h);
+      add_weight("gate_up", i, 2 * (size_t)l.inter * h);
+      add_weight("down", i, h * l.inter);
+    }
+    add_weight("norm", -1, h);
+    if (!d_.tied) add_weight("lm_head", -1, (size_t)d_.vocab * h);
+    size_t total = 0;
+    for (const auto& w : weight_info_) total += (w.bytes + 255) & ~size_t(255);
+    char* base = arena_.device<char>(total, "weights");
+    for (const auto& w : weight_info_) {
+      weight_ptr_[key(w.name, w.layer)] = base;
+      base += (w.bytes + 255) & ~size_t(255);
+    }
+    layers_.resize(d_.layers.size());
+    for (int i = 0; i < (int)d_.layers.size(); i++) {
+      LayerWeights& lw = layers_[i];
+      lw.in_norm = weight_ptr_[key("in_norm", i)];
+      lw.qkv = weight_ptr_[key("qkv", i)];
+      lw.o = weight_ptr_[key("o", i)];
+      lw.post_norm = weight_ptr_[key("post_norm", i)];
+      lw.gate_up = weight_ptr_[key("gate_up", i)];
+      lw.down = weight_ptr_[key("down", i)];
+    }
+    embed_ = (T*)weight_ptr_[key("embed", -1)];
+    norm_ = (T*)weight_ptr_[key("norm", -1)];
+    lm_head_ = d_.tied ? embed_ : (T*)weight_ptr_[key("lm_head", -1)];
+  }
+
+  void allocate_workspace() {
+    int max_heads = 0, max_kv = 0, max_inter = 0, max_qkv = 0;
+    for (const auto& l : d_.layers) {
+      max_heads = std::max(max_heads, l.heads);
+      max_kv = std::max(max_kv, l.kv_heads);
+      max_inter = std::max(max_inter, l.inter);
+      max_qkv = std::max(max_qkv, (l.heads + 2 * l.kv_heads) * HD);
+    }
+    const size_t t = o_.max_tokens, s = o_.max_seqs, h = d_.hidden;
+    resid_ = arena_.device<float>(t * h, "residual stream");
+    xnorm_ = arena_.device<T>(t * h, "normalised activations");
+    qkv_ = arena_.device<T>(t * max_qkv, "QKV products");
+    q_ = arena_.device<T>(t * max_heads * HD, "queries");
+    attn_ = arena_.device<T>(t * max_heads * HD, "attention output");
+    gate_up_ = arena_.device<T>(t * 2 * max_inter, "gate/up products");
+    act_ = arena_.device<T>(t * max_inter, "MLP activations");
+    logits_ = arena_.device<float>(s * d_.vocab, "logits");
+    probs_ = arena_.device<float>(s * d_.vocab, "sampling probabilities");
+    part_m_ = arena_.device<float>(s * max_heads * max_parts_, "attention partials");
+    part_l_ = arena_.device<float>(s * max_heads * max_parts_, "attention partials");
+    part_o_ = arena_.device<float>(s * max_heads * max_parts_ * HD, "attention partials");
+    counters_ = arena_.device<int>(s * max_kv, "attention counters");
+    CUDA_CHECK(cudaMemset(counters_, 0, s * max_kv * sizeof(int)));
+    lse_ = arena_.device<float>(s, "sampling");
+    cur_tokens_ = arena_.device<int>(s, "sampling");
+    cur_logprobs_ = arena_.device<float>(s, "sampling");
+    cur_top_ids_ = arena_.device<int>(s * kMaxTopLogprobs, "sampling");
+    cur_top_lps_ = arena_.device<float>(s * kMaxTopLogprobs, "sampling");
+    pen_saved_ = arena_.device<float>(kMaxPenaltyTokens, "penalties");
+    step_idx_ = arena_.device<int>(1, "step counter");
+    out_tokens_ = arena_.device<int>(kMaxSteps * s, "step outputs");
+    out_logprobs_ = arena_.device<float>(kMaxSteps * s, "step outputs");
+    out_top_ids_ = arena_.device<int>(kMaxSteps * s * kMaxTopLogprobs, "step outputs");
+    out_top_lps_ = arena_.device<float>(kMaxSteps * s * kMaxTopLogprobs, "step outputs");
+    host_out_i_ = arena_.host<int>(kMaxSteps * s * (1 + kMaxTopLogprobs), "step outputs");
+    host_out_f_ = arena_.host<float>(kMaxSteps * s * (1 + kMaxTopLogprobs), "step outputs");
+
+    const size_t words = InputRegion().layout(nullptr, o_.max_tokens, o_.max_seqs, table_width_);
+    dev_in_base_ = arena_.device<uint32_t>(words, "step inputs");
+    host_in_base_ = arena_.host<uint32_t>(words, "step inputs");
+    dev_in_.layout(dev_in_base_, o_.max_tokens, o_.max_seqs, table_width_);
+    host_in_.layout(host_in_base_, o_.max_tokens, o_.max_seqs, table_width_);
+
+    std::vector<float2> table = rope_table(d_.rope_theta, d_.rope_factor, HD, d_.max_pos);
+    rope_ = arena_.device<float2>(table.size(), "rotary table");
+    CUDA_CHECK(cudaMemcpy(rope_, table.data(), table.size() * sizeof(float2), cudaMemcpyHostToDevice));
+  }
+
+  void allocate_kv() {
+    size_t per_block = 0;  // bytes of one block across all layers, K and V
+    for (const auto& l : d_.layers) per_block += 2 * (size_t)l.kv_heads * o_.block_size * HD * sizeof(T);
+    kv_blocks_ = o_.kv_blocks;
+    if (kv_blocks_ <= 0) {
+      size_t free_b = 0, total_b = 0;
+      CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+      const size_t fit = (size_t)(free_b * o_.kv_fraction) / per_block;
+      kv_blocks_ = (int)std::min<size_t>(fit > 1 ? fit - 1 : 0, INT32_MAX / 2);
+      if (kv_blocks_ < 1) throw CudaError("out of GPU memory: no room for the KV cache (" + mib(free_b) + " free)");
+    }
+    // One block past the pool is scratch: padded batch rows write there.
+    const size_t blocks = (size_t)kv_blocks_ + 1;
+    for (const auto& l : d_.layers) {
+      const size_t elems = blocks * l.kv_heads * o_.block_size * HD;
+      k_cache_.push_back(arena_.device<T>(elems, "KV cache"));
+      v_cache_.push_back(arena_.device<T>(elems, "KV cache"));
+      CUDA_CHECK(cudaMemset(k_cache_.back() + (size_t)kv_blocks_ * l.kv_heads * o_.block_size * HD, 0, l.kv_heads * o_.block_size * HD * sizeof(T)));
+      CUDA_CHECK(cudaMemset(v_cache_.back() + (size_t)kv_blocks_ * l.kv_heads * o_.block_size * HD, 0, l.kv_heads * o_.block_size * HD * sizeof(T)));
+    }
+  }
+
+  // ---- inputs -----------------------------------------------------------------------------------------
+
+  static bool all_single(const StepInput& in) {
+    for (int s = 0; s < in.num_seqs; s++)
+      if (in.query_starts[s + 1] - in.query_starts[s] != 1) return false;
+    return true;
+  }
+
+  void validate(const StepInput& in) const {
+    auto bad = [](const std::string& m) { throw CudaError("bad step: " + m); };
+    if (in.num_seqs < 1 || in.num_seqs > o_.max_seqs) bad(std::to_string(in.num_seqs) + " sequences (at most " + std::to_string(o_.max_seqs) + ")");
+    if (in.num_tokens < 1 || in.num_tokens > o_.max_tokens) bad(std::to_string(in.num_tokens) + " tokens (at most " + std::to_string(o_.max_tokens) + ")");
+    if (in.table_width > table_width_) bad("block table width " + std::to_string(in.table_width));
+    if (in.steps < 1 || in.steps > kMaxSteps) bad(std::to_string(in.steps) + " steps");
+    if (in.top_n < 0 || in.top_n > kMaxTopLogprobs) bad(std::to_string(in.top_n) + " top log-probs");
+    if ((int)in.pen_tokens.size() > kMaxPenaltyTokens) bad("too many penalised tokens");
+    for (int t : in.tokens)
+      if (t < 0 || t >= d_.vocab) bad("token id " + std::to_string(t) + " outside the vocabulary of " + std::to_string(d_.vocab));
+    for (int s = 0; s < in.num_seqs; s++) {
+      const int qlen = in.query_starts[s + 1] - in.query_starts[s], ctx = in.context_lens[s];
+      if (qlen < 1 || ctx < qlen || ctx + in.steps - 1 > d_.max_pos) bad("sequence " + std::to_string(s) + " context " + std::to_string(ctx));
+      const int needed = ceil_div(ctx + in.steps - 1, o_.block_size);
+      if (needed > in.table_width) bad("sequence " + std::to_string(s) + " has too few KV blocks");
+      for (int j = 0; j < needed; j++) {
+        const int b = in.block_tables[(size_t)s * in.table_width + j];
+        if (b < 0 || b >= kv_blocks_) bad("KV block " + std::to_string(b) + " outside the pool of " + std::to_string(kv_blocks_));
+      }
+    }
+  }
+
+  struct Shape {
+    int tokens, seqs, n_dec, n_pre, max_qlen, pen;
+  };
+
+  // Fill the host mirror for `rows` sequences (>= in.num_seqs: the rest are padding) and copy it in.
+  Shape stage(const StepInput& in, int rows) {
+    InputRegion& h = host_in_;
+    const int bs = o_.block_size;
+    const int pad = rows - in.num_seqs;
+    const int tokens = in.num_tokens + pad;
+    Shape sh{tokens, rows, 0, 0, 0, (int)in.pen_tokens.size()};
+    for (int s = 0; s < rows; s++) {
+      const bool real = s < in.num_seqs;
+      const int q0 = real ? in.query_starts[s] : in.num_tokens + (s - in.num_seqs);
+      const int qlen = real ? in.query_starts[s + 1] - q0 : 1;
+      const int ctx = real ? in.context_lens[s] : 1;
+      h.query_starts[s] = q0;
+      h.context_lens[s] = ctx;
+      h.last_rows[s] = q0 + qlen - 1;
+      if (qlen == 1) h.dec_seqs[sh.n_dec++] = s;
+      else {
+        h.pre_seqs[sh.n_pre++] = s;
+        sh.max_qlen = std::max(sh.max_qlen, qlen);
+      }
+      int32_t* row = h.block_tables + (size_t)s * table_width_;
+      for (int j = 0; j < table_width_; j++) row[j] = real && j < in.table_width ? in.block_tables[(size_t)s * in.table_width + j] : kv_blocks_;
+      for (int j = 0; j < qlen; j++) {
+        const int pos = ctx - qlen + j, t = q0 + j;
+        h.tokens[t] = real ? in.tokens[t] : 0;
+        h.positions[t] = pos;
+        h.slots[t] = row[pos / bs] * bs + pos % bs;
+      }
+      h.temperature[s] = real ? in.temperature[s] : 0.f;
+      h.top_k[s] = real ? in.top_k[s] : 0;
+      h.top_p[s] = real ? in.top_p[s] : 1.f;
+      h.min_p[s] = real ? in.min_p[s] : 0.f;
+      h.repetition[s] = real ? in.repetition[s] : 1.f;
+      h.frequency[s] = real ? in.frequency[s] : 0.f;
+      h.presence[s] = real ? in.presence[s] : 0.f;
+      h.seed[s] = real ? in.seed[s] : 0;
+      h.counter[s] = real ? in.counter[s] : 0;
+      h.sample[s] = real ? in.sample[s] : 1;
+      h.pen_starts[s] = real ? in.pen_starts[s] : sh.pen;
+    }
+    h.query_starts[rows] = tokens;
+    h.pen_starts[rows] = sh.pen;
+    std::copy(in.pen_tokens.begin(), in.pen_tokens.end(), h.pen_tokens);
+    std::copy(in.pen_counts.begin(), in.pen_counts.end(), h.pen_counts);
+
+    CUDA_CHECK(cudaMemcpyAsync(dev_in_base_, host_in_base_, h.fixed_words * 4, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(dev_in_.block_tables, h.block_tables, (size_t)rows * table_width_ * 4, cudaMemcpyHostToDevice, stream_));
+    if (sh.pen) {
+      CUDA_CHECK(cudaMemcpyAsync(dev_in_.pen_tokens, h.pen_tokens, sh.pen * 4, cudaMemcpyHostToDevice, stream_));
+      CUDA_CHECK(cudaMemcpyAsync(dev_in_.pen_counts, h.pen_counts, sh.pen * 4, cudaMemcpyHostToDevice, stream_));
+    }
+    return sh;
+  }
+
+  // ---- the forward pass ---------------------------------------------------------------------------------
+
+  RopeArgs rope_args() const { return RopeArgs{rope_, dev_in_.positions, dev_in_.slots}; }
+
+  // One decoder step over `sh.tokens` rows, ending with sampled tokens in cur_*. With few rows the matrix
+  // products are GEMVs with their neighbours fused in; otherwise cuBLASLt with small kernels between.
+  void forward(const Shape& sh, int top_n, bool penalties, float* logits_to_host = nullptr) {
+    const Launch l{stream_, o_.pdl};
+    const int n = sh.tokens, h = d_.hidden;
+    const bool small = n <= kGemvMaxBatch;
+    const DType dt = d_.dtype;
+    launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
+    for (size_t i = 0; i < d_.layers.size(); i++) {
+      const LayerDims& ld = d_.layers[i];
+      const LayerWeights& w = layers_[i];
+      const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
+      if (small) {
+        EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
+        gemv(l, (const T*)w.qkv, h, n, EpiQkvRope<T>::blocks(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
+      } else {
+        launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
+        gemm_.run(stream_, dt, w.qkv, xnorm_, qkv_, n, rows_qkv, h, false, false);
+        launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
+               v_cache_[i], rope_args());
+      }
+      attention(l, sh, ld, i);
+      if (small) {
+        EpiResidual epi{};
+        epi.rows = h;
+        epi.resid = resid_;
+        epi.ld = h;
+        gemv(l, (const T*)w.o, qw, n, RowsLinear::blocks(h), ProPlain<T>{attn_, qw}, epi);
+        EpiSiluMul<T> act{ld.inter, act_, ld.inter};
+        gemv(l, (const T*)w.gate_up, h, n, EpiSiluMul<T>::blocks(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
+        gemv(l, (const T*)w.down, ld.inter, n, RowsLinear::blocks(h), ProPlain<T>{act_, ld.inter}, epi);
+      } else {
+        gemm_.run(stream_, dt, w.o, attn_, resid_, n, h, qw, true, true);
+        launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
+        gemm_.run(stream_, dt, w.gate_up, xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
+        launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
+        gemm_.run(stream_, dt, w.down, act_, resid_, n, h, ld.inter, true, true);
+      }
+    }
+    lm_head(l, sh);
+    // Raw logits leave before the penalties change them in place.
+    if (logits_to_host) CUDA_CHECK(cudaMemcpyAsync(logits_to_host, logits_, (size_t)sh.seqs * d_.vocab * 4, cudaMemcpyDeviceToHost, stream_));
+    sample(l, sh.seqs, top_n, penalties);
+  }
+
+  void attention(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i) {
+    const int qw = ld.heads * HD;
+    if (sh.n_dec) {
+      DecodeAttnArgs a{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
+                       o_.block_size, max_parts_, 1.f / std::sqrt((float)HD), part_m_, part_l_, part_o_, counters_};
+      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
+    }
+    if (sh.n_pre) {
+      PrefillAttnArgs a{dev_in_.pre_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
+                        o_.block_size, 1.4426950408889634f / std::sqrt((float)HD)};
+      attention_prefill<T, HD>(l, sh.n_pre, sh.max_qlen, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
+    }
+  }
+
+  // Logits for each sequence's last row. When every row is its own sequence's last, the final norm fuses
+  // into the LM head's GEMV; otherwise the rows are gathered and normalised first.
+  void lm_head(const Launch& l, const Shape& sh) {
+    const int h = d_.hidden, s = sh.seqs;
+    EpiLogits epi{};
+    epi.rows = d_.vocab;
+    epi.out = logits_;
+    epi.ld = d_.vocab;
+    if (sh.tokens == s && s <= kGemvMaxBatch) {
+      gemv(l, lm_head_, h, s, RowsLinear::blocks(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      return;
+    }
+    launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
+    if (s <= kGemvMaxBatch) gemv(l, lm_head_, h, s, RowsLinear::blocks(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
+    else gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, logits_, s, d_.vocab, h, true, false);
+  }
+
+  void sample(const Launch& l, int seqs, int top_n, bool penalties) {
+    SampleOut out{cur_tokens_, cur_logprobs_, lse_, cur_top_ids_, cur_top_lps_};
+    SamplingArgs a{dev_in_.temperature, dev_in_.top_k, dev_in_.top_p, dev_in_.min_p, dev_in_.repetition, dev_in_.frequency, dev_in_.presence,
+                   dev_in_.seed, dev_in_.counter, dev_in_.sample, dev_in_.pen_starts, dev_in_.pen_tokens, dev_in_.pen_counts, pen_saved_};
+    launch_logprobs(l, logits_, seqs, d_.vocab, top_n, out);
+    if (penalties) launch_penalties(l, logits_, seqs, d_.vocab, a);
+    launch_sample(l, logits_, probs_, seqs, d_.vocab, a, out);
+  }
+
+  void advance(const Launch& l, int rows, int top_n) {
+    AdvanceArgs a{dev_in_.tokens, dev_in_.positions, dev_in_.slots, dev_in_.context_lens, dev_in_.counter, dev_in_.block_tables, table_width_,
+                  o_.block_size, kv_blocks_, cur_tokens_, cur_logprobs_, cur_top_ids_, cur_top_lps_, top_n, step_idx_, out_tokens_,
+                  out_logprobs_, out_top_ids_, out_top_lps_};
+    launch(l, advance_kernel, dim3(1), dim3(256), 0, rows, a);
+  }
+
+  // ---- step kinds -----------------------------------------------------------------------------------------
+
+  static int bucket(int seqs) {
+    int b = 1;
+    while (b < seqs) b = b < 8 ? b * 2 : b + 8 * (b / 32 + 1);  // 1 2 4 8 16 24 32 48 64 ...
+    return b;
+  }
+
+  // Decode-only batches: `steps` steps back to back, each a replay of the bucket's captured graph (the
+  // sampled tokens feed the next step on the device), padded to the bucket's size.
+  StepOutput decode(const StepInput& in) {
+    const int rows = std::min(bucket(in.num_seqs), o_.max_seqs);
+    const Shape sh = stage(in, rows);
+    const bool penalties = sh.pen > 0;
+    CUDA_CHECK(cudaMemsetAsync(step_idx_, 0, sizeof(int), stream_));
+    const Launch l{stream_, o_.pdl};
+    if (o_.graphs) {
+      cudaGraphExec_t exec = graph(sh, in.top_n, penalties);
+      for (int k = 0; k < in.steps; k++) CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    } else {
+      for (int k = 0; k < in.steps; k++) {
+        forward(sh, in.top_n, penalties);
+        advance(l, rows, in.top_n);
+      }
+    }
+    return collect(in, rows, in.steps, out_tokens_, out_logprobs_, out_top_ids_, out_top_lps_);
+  }
+
+  cudaGraphExec_t graph(const Shape& sh, int top_n, bool penalties) {
+    const auto k = std::make_tuple(sh.seqs, top_n, penalties);
+    auto it = graphs_.find(k);
+    if (it != graphs_.end()) return it->second;
+    cudaGraph_t g = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      forward(sh, top_n, penalties);
+      advance(Launch{stream_, o_.pdl}, sh.seqs, top_n);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    CUDA_CHECK(e);
+    graphs_[k] = exec;
+    return exec;
+  }
+
+  // Anything else (prefill, mixed prefill and decode, logits wanted): one eager step.
+  StepOutput general(const StepInput& in) {
+    const Shape sh = stage(in, in.num_seqs);
+    std::vector<float> last(in.logits == 1 ? (size_t)in.num_seqs * d_.vocab : 0);
+    forward(sh, in.top_n, sh.pen > 0, in.logits == 1 ? last.data() : nullptr);
+    StepOutput out = collect(in, in.num_seqs, 1, cur_tokens_, cur_logprobs_, cur_top_ids_, cur_top_lps_);
+    if (in.logits == 1) out.logits = std::move(last);
+    if (in.logits == 2) out.logits = all_logits(sh);
+    return out;
+  }
+
+  // Logits of every token row, in chunks through the sampling scratch buffer.
+  std::vector<float> all_logits(const Shape& sh) {
+    const Launch l{stream_, o_.pdl};
+    const int h = d_.hidden, chunk = o_.max_seqs;
+    std::vector<float> all((size_t)sh.tokens * d_.vocab);
+    for (int r0 = 0; r0 < sh.tokens; r0 += chunk) {
+      const int rows = std::min(chunk, sh.tokens - r0);
+      launch(l, rmsnorm_kernel<T>, dim3(rows), dim3(256), 0, (const float*)(resid_ + (size_t)r0 * h), (const int*)nullptr, (const T*)norm_, xnorm_,
+             h, d_.eps);
+      gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, probs_, rows, d_.vocab, h, true, false);
+      CUDA_CHECK(cudaMemcpyAsync(all.data() + (size_t)r0 * d_.vocab, probs_, (size_t)rows * d_.vocab * 4, cudaMemcpyDeviceToHost, stream_));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return all;
+  }
+
+  StepOutput collect(const StepInput& in, int rows, int steps, const int* tokens, const float* logprobs, const int* top_ids, const float* top_lps) {
+    const int n = steps * rows, tn = in.top_n;
+    CUDA_CHECK(cudaMemcpyAsync(host_out_i_, tokens, n * 4, cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(host_out_f_, logprobs, n * 4, cudaMemcpyDeviceToHost, stream_));
+    if (tn) {
+      CUDA_CHECK(cudaMemcpyAsync(host_out_i_ + n, top_ids, (size_t)n * tn * 4, cudaMemcpyDeviceToHost, stream_));
+      CUDA_CHECK(cudaMemcpyAsync(host_out_f_ + n, top_lps, (size_t)n * tn * 4, cudaMemcpyDeviceToHost, stream_));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    CUDA_CHECK(cudaGetLastError());
+    StepOutput out;
+    const int s = in.num_seqs;
+    for (int k = 0; k < steps; k++)
+      for (int i = 0; i < s; i++) {
+        const int src = k * rows + i;
+        out.tokens.push_back(host_out_i_[src]);
+        out.logprobs.push_back(host_out_f_[src]);
+        for (int j = 0; j < tn; j++) {
+          out.top_ids.push_back(host_out_i_[n + src * tn + j]);
+          out.top_lps.push_back(host_out_f_[n + src * tn + j]);
+        }
+      }
+    return out;
+  }
+
+  ModelDims d_;
+  RunnerOptions o_;
+  Arena arena_;
+  Gemm gemm_;
+  cudaStream_t stream_ = nullptr;
+  int table_width_ = 0, max_parts_ = 0, kv_blocks_ = 0;
+
+  std::vector<WeightInfo> weight_info_;
+  std::map<std::string, void*> weight_ptr_;
+  std::vector<LayerWeights> layers_;
+  T *embed_ = nullptr, *norm_ = nullptr, *lm_head_ = nullptr;
+  std::vector<T*> k_cache_, v_cache_;
+
+  float* resid_;
+  T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_;
+  float *logits_, *probs_, *part_m_, *part_l_, *part_o_, *lse_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
+  int *counters_, *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;
+  int* host_out_i_;
+  float* host_out_f_;
+  float2* rope_;
+  uint32_t *dev_in_base_, *host_in_base_;
+  InputRegion dev_in_, host_in_;
+  std::map<std::tuple<int, int, bool>, cudaGraphExec_t> graphs_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> create_model(const ModelDims& d, const RunnerOptions& o) {
+  if (d.layers.empty()) throw CudaError("a model needs at least one layer");
+  const int hd = d.layers[0].head_dim;
+  for (const auto& l : d.layers)
+    if (l.head_dim != hd) throw CudaError("the CUDA backend needs one head size for all layers");
+  if (d.hidden % 8 || d.layers[0].inter % 8) throw CudaError("the CUDA backend needs hidden and MLP sizes that are multiples of 8");
+  if (o.max_tokens < o.max_seqs) throw CudaError("max tokens per step must be at least the max sequences per step");
+  if (d.dtype == DType::F16) {
+    if (hd == 64) return std::make_unique<Runner<half, 64>>(d, o);
+    if (hd == 128) return std::make_unique<Runner<half, 128>>(d, o);
+  } else {
+    if (hd == 64) return std::make_unique<Runner<__nv_bfloat16, 64>>(d, o);
+    if (hd == 128) return std::make_unique<Runner<__nv_bfloat16, 128>>(d, o);
+  }
+  throw CudaError("the CUDA backend supports head sizes 64 and 128, not " + std::to_string(hd));
+}
+
+}  // namespace decima

@@ -1,0 +1,210 @@
+#include <climits>
+
+#include <cub/block/block_scan.cuh>
+
+#include "sampling.cuh"
+
+namespace decima {
+namespace {
+
+// Block-wide argmax; ties go to the lowest id. Every thread gets the winner.
+__device__ inline void block_argmax(float& v, int& id, float* sv, int* si) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+    if (ov > v || (ov == v && oi < id)) { v = ov; id = oi; }
+  }
+  __syncthreads();
+  if (lane == 0) { sv[warp] = v; si[warp] = id; }
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
+  id = lane < (int)(blockDim.x >> 5) ? si[lane] : INT_MAX;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+    if (ov > v || (ov == v && oi < id)) { v = ov; id = oi; }
+  }
+}
+
+// Raw log-sum-exp, and the top_n most likely tokens (by repeated argmax: top_n is at most 20).
+__global__ void __launch_bounds__(kSampleThreads) logprob_kernel(const float* __restrict__ logits, int vocab, int top_n, SampleOut out) {
+  __shared__ float scratch[32];
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ int picked[kMaxTopLogprobs];
+  pdl_launch_dependents();
+  pdl_wait();
+  const float* row = logits + (size_t)blockIdx.x * vocab;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
+  m = block_max(m, scratch);
+  float s = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += __expf(row[i] - m);
+  const float lse = m + __logf(block_sum(s, scratch));
+  if (threadIdx.x == 0) out.lse[blockIdx.x] = lse;
+  for (int n = 0; n < top_n; n++) {
+    float v = -INFINITY;
+    int id = INT_MAX;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      bool taken = false;
+      for (int j = 0; j < n; j++) taken |= picked[j] == i;
+      if (!taken && (row[i] > v || (row[i] == v && i < id))) { v = row[i]; id = i; }
+    }
+    block_argmax(v, id, sv, si);
+    if (threadIdx.x == 0) {
+      picked[n] = id;
+      out.top_ids[blockIdx.x * top_n + n] = id;
+      out.top_lps[blockIdx.x * top_n + n] = v - lse;
+    }
+    __syncthreads();
+  }
+}
+
+// Penalties, in place on the logits row; the raw values are kept for the sampled token's log-prob.
+__global__ void penalty_kernel(float* __restrict__ logits, int vocab, SamplingArgs a) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int s = blockIdx.x;
+  const float rep = a.repetition[s], freq = a.frequency[s], pres = a.presence[s];
+  float* row = logits + (size_t)s * vocab;
+  for (int e = a.pen_starts[s] + threadIdx.x; e < a.pen_starts[s + 1]; e += blockDim.x) {
+    const int tok = a.pen_tokens[e], count = a.pen_counts[e];
+    float l = row[tok];
+    a.pen_saved[e] = l;
+    l = l > 0.f ? l / rep : l * rep;
+    if (count > 0) l -= count * freq + pres;
+    row[tok] = l;
+  }
+}
+
+__device__ inline float raw_logit(const float* row, int tok, int s, const SamplingArgs& a) {
+  for (int e = a.pen_starts[s]; e < a.pen_starts[s + 1]; e++)
+    if (a.pen_tokens[e] == tok) return a.pen_saved[e];
+  return row[tok];
+}
+
+// Largest threshold t (as float bits; probabilities are non-negative, so bit order is value order) with
+// f(t) >= goal, where f is non-increasing: a sum or count over the entries >= t.
+template <class F> __device__ uint32_t bisect_threshold(F f, float goal) {
+  uint32_t lo = 0, hi = 0x7f800000u;  // f(lo) >= goal holds; find the last such bits
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (f(mid) >= goal) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void __launch_bounds__(kSampleThreads)
+    sample_kernel(const float* __restrict__ logits, float* __restrict__ probs, int vocab, SamplingArgs a, SampleOut out) {
+  using Scan = cub::BlockScan<float, kSampleThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ float scratch[32];
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ int chosen;
+  pdl_launch_dependents();
+  pdl_wait();
+  const int s = blockIdx.x;
+  if (!a.sample[s]) {
+    if (threadIdx.x == 0) { out.tokens[s] = -1; out.logprobs[s] = 0.f; }
+    return;
+  }
+  const float* row = logits + (size_t)s * vocab;
+  float best = -INFINITY;
+  int best_id = INT_MAX;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+    if (row[i] > best) { best = row[i]; best_id = i; }  // increasing i: the first maximum per thread
+  block_argmax(best, best_id, sv, si);
+
+  const float temp = a.temperature[s];
+  if (temp > 0.f) {
+    float* p = probs + (size_t)s * vocab;
+    float z = 0.f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const float e = __expf((row[i] - best) / temp);
+      p[i] = e;
+      z += e;
+    }
+    z = block_sum(z, scratch);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) p[i] /= z;
+    __syncthreads();
+    const float pmax = 1.f / z;
+    auto count_ge = [&](uint32_t t) {
+      float c = 0.f;
+      for (int i = threadIdx.x; i < vocab; i += blockDim.x) c += __float_as_uint(p[i]) >= t ? 1.f : 0.f;
+      return block_sum(c, scratch);
+    };
+    auto mass_ge = [&](uint32_t t) {
+      float m = 0.f;
+      for (int i = threadIdx.x; i < vocab; i += blockDim.x) m += __float_as_uint(p[i]) >= t ? p[i] : 0.f;
+      return block_sum(m, scratch);
+    };
+    uint32_t t = 0;
+    const int k = a.top_k[s];
+    if (k > 0 && k < vocab) t = bisect_threshold(count_ge, (float)k);
+    const float top_p = a.top_p[s];
+    if (top_p < 1.f) {
+      const uint32_t tk = t;
+      const float goal = top_p * mass_ge(tk);
+      t = bisect_threshold([&](uint32_t x) { return mass_ge(x > tk ? x : tk); }, goal);
+      t = t > tk ? t : tk;
+    }
+    const float min_p = a.min_p[s];
+    if (min_p > 0.f) {
+      const uint32_t tm = __float_as_uint(min_p * pmax);
+      t = t > tm ? t : tm;
+    }
+    // Walk the kept tokens in id order to where the running mass passes u x (kept mass).
+    const int per = (vocab + blockDim.x - 1) / blockDim.x;
+    const int lo = threadIdx.x * per, hi = min(lo + per, vocab);
+    float local = 0.f;
+    int last_kept = -1;
+    for (int i = lo; i < hi; i++)
+      if (__float_as_uint(p[i]) >= t) { local += p[i]; last_kept = i; }
+    float before, total;
+    Scan(scan_tmp).ExclusiveSum(local, before, total);
+    const float target = uniform_draw(a.seed[s], a.counter[s]) * total;
+    if (threadIdx.x == 0) chosen = INT_MAX;
+    __syncthreads();
+    if (before <= target && target < before + local) {
+      float run = before;
+      for (int i = lo; i < hi; i++) {
+        if (__float_as_uint(p[i]) < t) continue;
+        run += p[i];
+        if (run > target) { atomicMin(&chosen, i); break; }
+      }
+    }
+    // Rounding can leave the target past every running sum: then the last kept token wins.
+    float lk = (float)last_kept;
+    lk = block_max(lk, scratch);
+    __syncthreads();
+    if (threadIdx.x == 0) best_id = chosen != INT_MAX ? chosen : (int)lk;
+    if (threadIdx.x == 0) chosen = best_id;
+    __syncthreads();
+    best_id = chosen;
+  }
+  if (threadIdx.x == 0) {
+    out.tokens[s] = best_id;
+    out.logprobs[s] = raw_logit(row, best_id, s, a) - out.lse[s];
+  }
+}
+
+}  // namespace
+
+void launch_logprobs(const Launch& l, const float* logits, int seqs, int vocab, int top_n, const SampleOut& out) {
+  launch(l, logprob_kernel, dim3(seqs), dim3(kSampleThreads), 0, logits, vocab, top_n, out);
+}
+
+void launch_penalties(const Launch& l, float* logits, int seqs, int vocab, const SamplingArgs& a) {
+  launch(l, penalty_kernel, dim3(seqs), dim3(256), 0, logits, vocab, a);
+}
+
+void launch_sample(const Launch& l, const float* logits, float* probs, int seqs, int vocab, const SamplingArgs& a, const SampleOut& out) {
+  launch(l, sample_kernel, dim3(seqs), dim3(kSampleThreads), 0, logits, probs, vocab, a, out);
+}
+
+}  // namespace decima

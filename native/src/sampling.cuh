@@ -1,0 +1,59 @@
+// Sampling on the GPU, following the CPU reference (src/engine/cpu/sampler.ts) rule for rule: log-probs from
+// the raw logits, penalties, then greedy or temperature sampling with top-k / top-p / min-p expressed as
+// probability thresholds (found by bisection on the float bits, so nothing is sorted), and one counter-based
+// uniform draw per token. One block per sequence. Bytes: the logits row a few times over (from L2);
+// negligible next to the weights except for the many bisection passes of non-greedy rows.
+#pragma once
+#include "common.cuh"
+
+namespace decima {
+
+constexpr int kSampleThreads = 1024;
+constexpr int kMaxTopLogprobs = 20;
+
+struct SamplingArgs {
+  const float* temperature;
+  const int* top_k;
+  const float* top_p;
+  const float* min_p;
+  const float* repetition;
+  const float* frequency;
+  const float* presence;
+  const uint32_t* seed;
+  const uint32_t* counter;
+  const uint8_t* sample;     // per sequence: 0 = skip
+  const int* pen_starts;     // [seq + 1]: distinct history tokens per sequence
+  const int* pen_tokens;
+  const int* pen_counts;     // occurrences among the generated tokens
+  float* pen_saved;          // raw logits of penalised tokens
+};
+
+struct SampleOut {
+  int* tokens;
+  float* logprobs;
+  float* lse;       // log-sum-exp of the raw logits, per row
+  int* top_ids;     // [seq][top_n]
+  float* top_lps;
+};
+
+__host__ __device__ inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+// The shared counter-based draw (src/engine/sampling-rng.ts): uniform in [0, 1) with 24 bits.
+__host__ __device__ inline float uniform_draw(uint32_t seed, uint32_t counter) {
+  return (float)(fmix32(seed ^ fmix32(counter ^ 0x9e3779b9u)) >> 8) * (1.0f / 16777216.0f);
+}
+
+// Raw log-sum-exp per row, and the top_n most likely tokens (top_n <= kMaxTopLogprobs).
+void launch_logprobs(const Launch& l, const float* logits, int seqs, int vocab, int top_n, const SampleOut& out);
+// Penalties applied in place (raw values kept in a.pen_saved).
+void launch_penalties(const Launch& l, float* logits, int seqs, int vocab, const SamplingArgs& a);
+// The sampled token and its raw log-prob per row; `probs` is scratch of seqs x vocab floats.
+void launch_sample(const Launch& l, const float* logits, float* probs, int seqs, int vocab, const SamplingArgs& a, const SampleOut& out);
+
+}  // namespace decima

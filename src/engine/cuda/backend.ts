@@ -1,0 +1,196 @@
+import { DecimaError, fail } from "../../errors.js";
+import type { ModelConfig } from "../../model/config.js";
+import type { ModelWeights } from "../../model/weights.js";
+import type { Backend, KvCacheShape, SamplingBatch, StepBatch, StepResult } from "../backend.js";
+import { validateBatch } from "../validate-batch.js";
+import { type NativeAddon, type NativeModel, type NativeStep, cudaDevice } from "./native.js";
+
+export interface CudaBackendOptions {
+  /** KV blocks in the pool; by default as many as `kvMemoryFraction` of the free memory holds. */
+  numBlocks?: number;
+  blockSize?: number;
+  /** Fraction of the GPU memory left after weights and workspace that the KV pool takes (default 0.9). */
+  kvMemoryFraction?: number;
+  /** Most tokens in one step (prefill chunks plus decodes); sizes the workspace. */
+  maxBatchTokens?: number;
+  /** Most sequences in one step. */
+  maxBatchSeqs?: number;
+  /** Replay decode steps from captured CUDA graphs (default true; DECIMA_CUDA_GRAPHS=0 turns it off). */
+  graphs?: boolean;
+  /** Overlap consecutive kernels with programmatic dependent launch (default true; DECIMA_PDL=0). */
+  pdl?: boolean;
+}
+
+/**
+ * The CUDA backend: weights uploaded once (already packed: fused QKV and gate/up), a KV pool sized from the
+ * free memory, and each step one native call that runs off the JavaScript thread. Decode-only batches may
+ * ask for several steps at once: the GPU feeds each sampled token back itself, replaying a captured graph.
+ */
+export class CudaBackend implements Backend {
+  readonly device = "cuda" as const;
+  readonly kv: KvCacheShape;
+  readonly description: string;
+  readonly maxSteps = 64;
+  readonly maxBatchTokens: number;
+  readonly maxBatchSeqs: number;
+
+  private constructor(
+    readonly config: ModelConfig,
+    private model: NativeModel | null,
+    blockSize: number,
+    limits: { tokens: number; seqs: number },
+  ) {
+    this.kv = { blockSize, numBlocks: model!.numBlocks };
+    this.description = model!.description;
+    this.maxBatchTokens = limits.tokens;
+    this.maxBatchSeqs = limits.seqs;
+  }
+
+  static async create(weights: ModelWeights, opts: CudaBackendOptions = {}): Promise<CudaBackend> {
+    const dev = cudaDevice();
+    if (!dev.ok) fail("device", `the CUDA backend is unavailable: ${dev.reason}`);
+    if (weights.dtype === "float32") fail("device", "the CUDA backend runs float16 or bfloat16 weights, not float32");
+    const c = weights.config;
+    const blockSize = opts.blockSize ?? 16;
+    const limits = { tokens: opts.maxBatchTokens ?? 2048, seqs: opts.maxBatchSeqs ?? 256 };
+    const model = nativeCall(() =>
+      newModel(dev.addon, {
+        vocab: c.vocabSize,
+        hidden: c.hiddenSize,
+        layers: c.layers.map((l) => ({ heads: l.numHeads, kvHeads: l.numKvHeads, headDim: l.headDim, inter: l.intermediateSize })),
+        eps: c.rmsNormEps,
+        ropeTheta: c.rope.theta,
+        ropeFactor: c.rope.linearFactor,
+        maxPos: c.maxPositionEmbeddings,
+        dtype: weights.dtype as "float16" | "bfloat16",
+        tied: c.tieWordEmbeddings,
+        blockSize,
+        kvBlocks: opts.numBlocks ?? 0,
+        kvFraction: opts.kvMemoryFraction ?? 0.9,
+        maxTokens: limits.tokens,
+        maxSeqs: limits.seqs,
+        graphs: opts.graphs ?? process.env.DECIMA_CUDA_GRAPHS !== "0",
+        pdl: opts.pdl ?? process.env.DECIMA_PDL !== "0",
+      }),
+    );
+    try {
+      upload(model, weights);
+    } catch (err) {
+      model.close();
+      throw err;
+    }
+    return new CudaBackend(c, model, blockSize, limits);
+  }
+
+  async step(batch: StepBatch): Promise<StepResult> {
+    const model = this.model;
+    if (!model) fail("device", "the CUDA backend is closed");
+    validateBatch(batch, this.config, this.kv, this.maxSteps);
+    const r = await nativeAsync(() => model.step(toNative(batch)));
+    return {
+      tokens: r.tokens,
+      logprobs: r.logprobs,
+      topTokens: r.topIds,
+      topLogprobs: r.topLogprobs,
+      logits: r.logits,
+    };
+  }
+
+  async close(): Promise<void> {
+    this.model?.close();
+    this.model = null;
+  }
+}
+
+function newModel(addon: NativeAddon, opts: ConstructorParameters<NativeAddon["Model"]>[0]): NativeModel {
+  return new addon.Model(opts);
+}
+
+/** Weights go up one tensor at a time, under the names the native side allocated. */
+function upload(model: NativeModel, w: ModelWeights): void {
+  const put = (name: string, layer: number, data: Uint8Array) => nativeCall(() => model.upload(name, layer, data));
+  const dense = (m: ModelWeights["lmHead"], what: string) => {
+    if (m.format !== "dense") fail("device", `${what}: ${m.format} weights are not supported by the CUDA backend yet`);
+    return m.data;
+  };
+  put("embed", -1, w.embed.data);
+  w.layers.forEach((l, i) => {
+    put("in_norm", i, l.inputNorm.data);
+    put("qkv", i, dense(l.qkv, `layer ${i} qkv`));
+    put("o", i, dense(l.o, `layer ${i} o`));
+    put("post_norm", i, l.postNorm.data);
+    put("gate_up", i, dense(l.gateUp, `layer ${i} gate/up`));
+    put("down", i, dense(l.down, `layer ${i} down`));
+  });
+  put("norm", -1, w.norm.data);
+  if (!w.config.tieWordEmbeddings) put("lm_head", -1, dense(w.lmHead, "lm head"));
+}
+
+function toNative(b: StepBatch): NativeStep {
+  const s = b.sampling;
+  const pen = penaltyEntries(s, b.contextLens.length);
+  return {
+    tokens: b.tokens,
+    queryStarts: b.queryStarts,
+    contextLens: b.contextLens,
+    blockTables: b.blockTables.subarray(0, b.contextLens.length * b.blockTableWidth),
+    blockTableWidth: b.blockTableWidth,
+    sample: b.sample,
+    temperature: s.temperature,
+    topK: s.topK,
+    topP: s.topP,
+    minP: s.minP,
+    repetitionPenalty: s.repetitionPenalty,
+    frequencyPenalty: s.frequencyPenalty,
+    presencePenalty: s.presencePenalty,
+    seed: s.seed,
+    counter: s.counter,
+    penaltyStarts: pen.starts,
+    penaltyTokens: pen.tokens,
+    penaltyCounts: pen.counts,
+    steps: b.steps ?? 1,
+    topLogprobs: s.topLogprobs,
+    logits: b.returnLogits === "all" ? 2 : b.returnLogits === "last" ? 1 : 0,
+  };
+}
+
+/**
+ * The penalties' view of each history: its distinct tokens, each with how often it was generated (the
+ * repetition penalty applies to every listed token, frequency and presence to generated ones).
+ */
+export function penaltyEntries(s: SamplingBatch, numSeqs: number) {
+  const starts = new Int32Array(numSeqs + 1);
+  const tokens: number[] = [];
+  const counts: number[] = [];
+  for (let i = 0; i < numSeqs; i++) {
+    const from = s.historyStarts[i], to = s.historyStarts[i + 1];
+    const generated = new Map<number, number>();
+    for (let j = from; j < to; j++) {
+      const tok = s.history[j];
+      generated.set(tok, (generated.get(tok) ?? 0) + (j - from >= s.promptLens[i] ? 1 : 0));
+    }
+    for (const [tok, n] of generated) {
+      tokens.push(tok);
+      counts.push(n);
+    }
+    starts[i + 1] = tokens.length;
+  }
+  return { starts, tokens: Int32Array.from(tokens), counts: Int32Array.from(counts) };
+}
+
+/** Native failures (CUDA errors, out of memory, refused inputs) surface as one-line device errors. */
+function nativeCall<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (err) {
+    throw err instanceof DecimaError ? err : new DecimaError("device", `CUDA: ${(err as Error).message}`);
+  }
+}
+
+async function nativeAsync<T>(f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (err) {
+    throw err instanceof DecimaError ? err : new DecimaError("device", `CUDA: ${(err as Error).message}`);
+  }
+}

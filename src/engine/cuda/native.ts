@@ -1,0 +1,113 @@
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+
+/** The N-API addon built from native/ (see scripts/build-native.mjs), as TypeScript sees it. */
+export interface NativeAddon {
+  Model: new (opts: NativeModelOptions) => NativeModel;
+  deviceInfo(): DeviceInfo;
+  /** Bytes per second one kernel reads from device memory, best of `iters` passes over `bytes`. */
+  measureBandwidth(bytes: number, iters: number): number;
+  /** Run one kernel on host buffers (tests only). */
+  testKernel(name: string, inputs: Record<string, ArrayBufferView>, params: Record<string, number>): Record<string, Uint8Array>;
+}
+
+export type DeviceInfo =
+  | { available: false; reason: string }
+  | {
+      available: true;
+      name: string;
+      computeCapability: string;
+      multiprocessors: number;
+      totalMemory: number;
+      freeMemory: number;
+    };
+
+export interface NativeModelOptions {
+  vocab: number;
+  hidden: number;
+  layers: { heads: number; kvHeads: number; headDim: number; inter: number }[];
+  eps: number;
+  ropeTheta: number;
+  ropeFactor: number;
+  maxPos: number;
+  dtype: "float16" | "bfloat16";
+  tied: boolean;
+  blockSize: number;
+  kvBlocks: number;
+  kvFraction: number;
+  maxTokens: number;
+  maxSeqs: number;
+  graphs: boolean;
+  pdl: boolean;
+}
+
+export interface NativeStep {
+  tokens: Int32Array;
+  queryStarts: Int32Array;
+  contextLens: Int32Array;
+  blockTables: Int32Array;
+  blockTableWidth: number;
+  sample: Uint8Array;
+  temperature: Float32Array;
+  topK: Int32Array;
+  topP: Float32Array;
+  minP: Float32Array;
+  repetitionPenalty: Float32Array;
+  frequencyPenalty: Float32Array;
+  presencePenalty: Float32Array;
+  seed: Uint32Array;
+  counter: Uint32Array;
+  penaltyStarts: Int32Array;
+  penaltyTokens: Int32Array;
+  penaltyCounts: Int32Array;
+  steps: number;
+  topLogprobs: number;
+  logits: 0 | 1 | 2;
+}
+
+export interface NativeStepResult {
+  tokens: Int32Array;
+  logprobs: Float32Array;
+  topIds: Int32Array;
+  topLogprobs: Float32Array;
+  logits?: Float32Array;
+}
+
+export interface NativeModel {
+  readonly numBlocks: number;
+  readonly description: string;
+  readonly weights: { name: string; layer: number; bytes: number }[];
+  upload(name: string, layer: number, data: Uint8Array): void;
+  step(input: NativeStep): Promise<NativeStepResult>;
+  close(): void;
+}
+
+export type NativeLoad = { addon: NativeAddon; reason: null } | { addon: null; reason: string };
+
+let loaded: NativeLoad | undefined;
+
+/** The addon, or why it cannot be used here (not built, or its libraries are missing). Loaded once. */
+export function loadNative(): NativeLoad {
+  if (loaded) return loaded;
+  const path = process.env.DECIMA_NATIVE ?? fileURLToPath(new URL("../../../../build/native/decima.node", import.meta.url));
+  if (!existsSync(path)) {
+    loaded = { addon: null, reason: `the native addon was not built (${path} is missing; see the install output)` };
+    return loaded;
+  }
+  try {
+    loaded = { addon: createRequire(import.meta.url)(path) as NativeAddon, reason: null };
+  } catch (err) {
+    loaded = { addon: null, reason: `the native addon does not load: ${(err as Error).message.split("\n")[0]}` };
+  }
+  return loaded;
+}
+
+/** A usable GPU, or the reason there is none. */
+export function cudaDevice(): { ok: true; addon: NativeAddon; info: Extract<DeviceInfo, { available: true }> } | { ok: false; reason: string } {
+  const n = loadNative();
+  if (!n.addon) return { ok: false, reason: n.reason };
+  const info = n.addon.deviceInfo();
+  if (!info.available) return { ok: false, reason: `no usable GPU: ${info.reason}` };
+  return { ok: true, addon: n.addon, info };
+}

@@ -1,0 +1,374 @@
+import type { Backend, StepResult } from "../engine/backend.js";
+import { createBackend, resolveDevice, weightDtype } from "../engine/create-backend.js";
+import { DecimaError, fail } from "../errors.js";
+import type { ModelConfig } from "../model/config.js";
+import type { FloatDType } from "../model/dtype.js";
+import { loadWeights, resolveModel } from "../model/model-dir.js";
+import { fimPromptIds } from "../tokenizer/fim.js";
+import { Tokenizer } from "../tokenizer/tokenizer.js";
+import { EventChannel } from "./event-channel.js";
+import { type SamplingOptions, parseSamplingParams } from "./sampling-params.js";
+import { type ScheduledStep, Scheduler, type SchedulerOptions } from "./scheduler.js";
+import { Sequence, type SequenceKind } from "./sequence.js";
+import type { FinishReason } from "./stop.js";
+
+export interface GenerateRequest extends SamplingOptions {
+  /** Text (tokenized with the model's tokenizer) or token ids. */
+  prompt: string | number[];
+  /** Fill in the middle: generate what goes between `prompt` and `suffix`. */
+  suffix?: string;
+  /** Ends the request at the next step ("abort"). */
+  signal?: AbortSignal;
+}
+
+export interface TopLogprob {
+  id: number;
+  logprob: number;
+}
+
+/** A generated token (stop tokens are not), with the text that became final with it (may be ""). */
+export interface TokenEvent {
+  type: "token";
+  id: number;
+  text: string;
+  logprob: number;
+  /** The `logprobs` most likely alternatives, best first, when asked for. */
+  top?: TopLogprob[];
+}
+
+/** Text held back (a possible start of a stop string, an unfinished character) released at the end. */
+export interface TextEvent {
+  type: "text";
+  text: string;
+}
+
+export interface GenerateTimings {
+  queuedMs: number;
+  timeToFirstTokenMs: number;
+  decodeMs: number;
+  /** Tokens after the first, per second of decoding. */
+  tokensPerSecond: number;
+}
+
+/** The last event of every request. `text` is the concatenation of all event texts. */
+export interface DoneEvent {
+  type: "done";
+  finishReason: FinishReason;
+  promptTokens: number[];
+  tokens: number[];
+  text: string;
+  /** With `promptLogprobs`: each prompt token's log-prob (null for the first). */
+  promptLogprobs?: (number | null)[];
+  cachedPromptTokens: number;
+  timings: GenerateTimings;
+}
+
+export type GenerateEvent = TokenEvent | TextEvent | DoneEvent;
+
+/** For metrics: the counts now, and totals since the engine started. */
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  /** KV blocks that sequences hold (cached blocks nobody holds are not counted). */
+  kvBlocksUsed: number;
+  kvBlocksTotal: number;
+  /** Full prompt blocks looked up in the prefix cache, and those found. */
+  prefixCacheQueries: number;
+  prefixCacheHits: number;
+  /** Prompt tokens of requests whose prefill completed, cached ones included. */
+  promptTokensTotal: number;
+  generatedTokensTotal: number;
+}
+
+export interface EngineParts extends SchedulerOptions {
+  backend: Backend;
+  tokenizer: Tokenizer;
+  modelId: string;
+}
+
+export interface EngineLoadOptions extends SchedulerOptions {
+  /** A model directory or a Hugging Face hub id. */
+  model: string;
+  device?: "cpu" | "cuda" | "auto";
+  dtype?: FloatDType;
+  numBlocks?: number;
+  blockSize?: number;
+  kvMemoryFraction?: number;
+}
+
+interface Request {
+  seq: Sequence;
+  events: EventChannel<GenerateEvent>;
+  detach: () => void;
+}
+
+/**
+ * The embeddable engine: many concurrent generate() calls, batched together by one loop that drives the
+ * backend. The loop builds a step, awaits it, turns its sampled tokens into events, and repeats while
+ * there is work; with none it waits on a promise (nothing spins).
+ */
+export class Engine {
+  readonly tokenizer: Tokenizer;
+  readonly modelId: string;
+  private readonly backend: Backend;
+  private readonly scheduler: Scheduler;
+  private readonly eosIds: number[];
+  private readonly requests = new Map<Sequence, Request>();
+  private readonly looping: Promise<void>;
+  private closed = false;
+  private closing: Promise<void> | null = null;
+  private wake: (() => void) | null = null;
+  private promptTokensTotal = 0;
+  private generatedTokensTotal = 0;
+
+  /** Load a model directory or hub id: its config, tokenizer and weights, onto a backend. */
+  static async load(opts: EngineLoadOptions): Promise<Engine> {
+    const { dir, config } = await resolveModel(opts.model);
+    const tokenizer = await Tokenizer.load(dir);
+    const device = resolveDevice(opts.device ?? "auto");
+    const weights = await loadWeights(dir, config, weightDtype(device, opts.dtype, config));
+    const backend = await createBackend(weights, {
+      device,
+      maxBatchTokens: opts.maxBatchTokens,
+      numBlocks: opts.numBlocks,
+      blockSize: opts.blockSize,
+      kvMemoryFraction: opts.kvMemoryFraction,
+    });
+    try {
+      return new Engine({ ...opts, backend, tokenizer, modelId: opts.model });
+    } catch (err) {
+      await backend.close(); // a bad scheduler option must not leave device memory behind
+      throw err;
+    }
+  }
+
+  constructor(parts: EngineParts) {
+    this.backend = parts.backend;
+    this.tokenizer = parts.tokenizer;
+    this.modelId = parts.modelId;
+    this.scheduler = new Scheduler(parts.backend.config, parts.backend.kv, parts);
+    const eos = parts.tokenizer.eosTokenId;
+    this.eosIds = [...new Set([...this.config.eosTokenIds, ...(eos === null ? [] : [eos])])];
+    // The loop catches a step's failure itself; anything else is a bug, which closes the engine rather
+    // than leave requests hanging.
+    this.looping = this.loop().catch((err) => {
+      this.closed = true;
+      this.failAll(err);
+    });
+  }
+
+  get config(): ModelConfig {
+    return this.backend.config;
+  }
+
+  get device(): "cpu" | "cuda" {
+    return this.backend.device;
+  }
+
+  /**
+   * Stream a request's events, ending with "done". A bad request rejects the first next() with a
+   * DecimaError; leaving the loop early cancels the request.
+   */
+  async *generate(request: GenerateRequest): AsyncGenerator<GenerateEvent, void, undefined> {
+    const req = this.submit(request, "generate");
+    try {
+      yield* req.events;
+    } finally {
+      this.cancel(req.seq);
+    }
+  }
+
+  /** Generate to the end; the "done" event. */
+  async complete(request: GenerateRequest): Promise<DoneEvent> {
+    for await (const event of this.generate(request)) if (event.type === "done") return event;
+    throw new Error("generate() ended without a done event");
+  }
+
+  /** Teacher-forced logits at every position of `tokens` (vocabSize floats each); no prefix cache. */
+  async logits(tokens: number[]): Promise<Float32Array[]> {
+    const req = this.submit({ prompt: tokens }, "logits");
+    for await (const _ of req.events);
+    return req.seq.logitRows!;
+  }
+
+  stats(): EngineStats {
+    const blocks = this.scheduler.blocks;
+    return {
+      running: this.scheduler.numRunning,
+      waiting: this.scheduler.numWaiting,
+      kvBlocksUsed: blocks.usedBlocks,
+      kvBlocksTotal: blocks.numBlocks,
+      prefixCacheQueries: blocks.queries,
+      prefixCacheHits: blocks.hits,
+      promptTokensTotal: this.promptTokensTotal,
+      generatedTokensTotal: this.generatedTokensTotal,
+    };
+  }
+
+  /** Stop the loop (after the step in flight), fail every pending request, release the backend. */
+  close(): Promise<void> {
+    if (!this.closing) {
+      this.closed = true;
+      this.closing = this.shutdown();
+    }
+    return this.closing;
+  }
+
+  private async shutdown(): Promise<void> {
+    this.kick();
+    await this.looping;
+    this.failAll(new DecimaError("capacity", "the engine was closed"));
+    await this.backend.close();
+  }
+
+  private submit(request: GenerateRequest, kind: SequenceKind): Request {
+    if (this.closed) fail("capacity", "the engine is closed");
+    const params = parseSamplingParams(request);
+    const ctx = { tokenizer: this.tokenizer, eosIds: this.eosIds, contextLength: this.config.maxPositionEmbeddings };
+    const seq = new Sequence(this.promptIds(request), params, kind, ctx);
+    this.scheduler.add(seq);
+
+    const signal = request.signal;
+    const onAbort = () => this.cancel(seq);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const detach = () => signal?.removeEventListener("abort", onAbort);
+    const req = { seq, events: new EventChannel<GenerateEvent>(), detach };
+    this.requests.set(seq, req);
+    if (signal?.aborted) seq.cancelled = true;
+    this.kick();
+    return req;
+  }
+
+  private promptIds({ prompt, suffix }: GenerateRequest): number[] {
+    if (typeof prompt === "string") {
+      const ids = suffix === undefined ? this.tokenizer.encode(prompt) : fimPromptIds(this.tokenizer, prompt, suffix);
+      if (ids.length === 0) fail("input", "prompt: the text has no tokens");
+      return ids;
+    }
+    if (!Array.isArray(prompt)) fail("input", "prompt: expected a string or an array of token ids");
+    if (suffix !== undefined) fail("input", "suffix: fill-in-the-middle needs a text prompt, not token ids");
+    if (prompt.length === 0) fail("input", "prompt: no tokens");
+    const vocab = this.config.vocabSize;
+    const bad = prompt.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
+    if (bad >= 0) fail("input", `prompt[${bad}]: token id ${prompt[bad]} is outside the vocabulary (0..${vocab - 1})`);
+    return [...prompt];
+  }
+
+  /** Ends the sequence at the next step boundary, never under a step in flight that still uses its blocks. */
+  private cancel(seq: Sequence): void {
+    if (seq.finishReason !== null) return;
+    seq.cancelled = true;
+    this.kick();
+  }
+
+  private kick(): void {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.closed) {
+      for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
+      const step = this.scheduler.schedule();
+      if (!step) {
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        continue;
+      }
+      // A backend computing on the main thread (the CPU one) settles its step without the event loop
+      // turning; awaiting this turn lets I/O (new requests, streamed writes) in between such steps. A
+      // device's step spans turns anyway, so there it costs nothing.
+      const turn = new Promise((resolve) => setImmediate(resolve));
+      try {
+        this.apply(step, await this.backend.step(step.batch));
+      } catch (err) {
+        // Only this batch's requests fail; the engine goes on serving the others.
+        for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, err);
+      }
+      await turn;
+    }
+  }
+
+  private apply(step: ScheduledStep, result: StepResult): void {
+    const { queryStarts, sample } = step.batch;
+    // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
+    step.seqs.forEach((seq, i) => {
+      if (!seq.inPrefill) return;
+      if (result.logits && seq.needsPromptLogits) {
+        seq.takePromptLogits(result.logits, queryStarts[i], step.queryLens[i], this.config.vocabSize);
+      }
+      if (seq.computed + step.queryLens[i] === seq.promptLen) this.promptTokensTotal += seq.promptLen;
+    });
+    this.scheduler.commit(step);
+    step.seqs.forEach((seq, i) => {
+      if (seq.cancelled) return; // ended at the top of the next loop
+      if (sample[i]) this.takeToken(seq, result, i, step.batch.sampling.topLogprobs);
+      else if (seq.kind === "logits" && !seq.inPrefill) this.end(seq, "length");
+    });
+  }
+
+  private takeToken(seq: Sequence, result: StepResult, i: number, width: number): void {
+    const id = result.tokens[i];
+    seq.times.firstToken ??= performance.now();
+    const text = seq.accept(id);
+    if (text !== null) {
+      this.generatedTokensTotal++;
+      const event: TokenEvent = { type: "token", id, text, logprob: result.logprobs[i] };
+      const k = seq.params.logprobs;
+      if (k !== null) {
+        event.top = Array.from({ length: k }, (_, j) => ({
+          id: result.topTokens[i * width + j],
+          logprob: result.topLogprobs[i * width + j],
+        }));
+      }
+      this.requests.get(seq)!.events.push(event);
+    }
+    if (seq.finishReason !== null) this.end(seq, seq.finishReason);
+  }
+
+  private end(seq: Sequence, reason: FinishReason): void {
+    const req = this.requests.get(seq)!;
+    const rest = seq.finish(reason);
+    if (rest) req.events.push({ type: "text", text: rest });
+    req.events.push(doneEvent(seq));
+    this.retire(req);
+  }
+
+  private fail(seq: Sequence, err: unknown): void {
+    seq.finishReason = "abort";
+    this.retire(this.requests.get(seq)!, err);
+  }
+
+  private failAll(err: unknown): void {
+    for (const seq of [...this.requests.keys()]) this.fail(seq, err);
+  }
+
+  private retire(req: Request, err?: unknown): void {
+    this.scheduler.remove(req.seq);
+    req.events.end(err);
+    req.detach();
+    this.requests.delete(req.seq);
+  }
+}
+
+function doneEvent(seq: Sequence): DoneEvent {
+  const { arrival, admitted, firstToken, finished } = seq.times;
+  const end = finished!;
+  const decodeMs = firstToken === null ? 0 : end - firstToken;
+  const event: DoneEvent = {
+    type: "done",
+    finishReason: seq.finishReason!,
+    promptTokens: seq.tokens.slice(0, seq.promptLen),
+    tokens: seq.output,
+    text: seq.text,
+    cachedPromptTokens: seq.blocks?.cachedTokens ?? 0,
+    timings: {
+      queuedMs: (admitted ?? end) - arrival,
+      timeToFirstTokenMs: firstToken === null ? 0 : firstToken - arrival,
+      decodeMs,
+      tokensPerSecond: seq.generated > 1 && decodeMs > 0 ? ((seq.generated - 1) * 1000) / decodeMs : 0,
+    },
+  };
+  if (seq.promptLogprobs) event.promptLogprobs = seq.promptLogprobs;
+  return event;
+}

@@ -1,0 +1,217 @@
+import type { KvCacheShape, SamplingBatch, StepBatch } from "../engine/backend.js";
+import { fail } from "../errors.js";
+import type { ModelConfig } from "../model/config.js";
+import { BlockManager } from "./block-manager.js";
+import { usesPenalties } from "./sampling-params.js";
+import type { Sequence } from "./sequence.js";
+
+export interface SchedulerOptions {
+  /** The most new tokens in one step, decodes and prefill chunks together (default 2048). */
+  maxBatchTokens?: number;
+  /** The most requests waiting for admission; past it new ones are refused at once (default 256). */
+  maxWaiting?: number;
+  /** Reuse the KV blocks of earlier prompts' common prefixes (default true). */
+  prefixCaching?: boolean;
+}
+
+/** One step's work: the batch for the backend, and which sequence each of its rows belongs to. */
+export interface ScheduledStep {
+  batch: StepBatch;
+  seqs: Sequence[];
+  /** How many new tokens each sequence has in the batch. */
+  queryLens: number[];
+}
+
+/**
+ * Continuous batching: every step carries one decode token of each running sequence, then prefill work
+ * (prompts in chunks, within the step's token budget), and admits waiting requests in arrival order as the
+ * KV pool allows.
+ *
+ * Admission reserves every block a request can ever need, so a running sequence never runs out of KV
+ * space and nothing is ever preempted: simple and safe, at the price of admitting fewer long requests
+ * at once. vLLM-style preemption (evict, later recompute) is a later optimisation.
+ */
+export class Scheduler {
+  readonly blocks: BlockManager;
+  private readonly waiting: Sequence[] = [];
+  private readonly running: Sequence[] = [];
+  private readonly maxBatchTokens: number;
+  private readonly maxWaiting: number;
+
+  constructor(
+    private readonly config: ModelConfig,
+    kv: KvCacheShape,
+    opts: SchedulerOptions = {},
+  ) {
+    this.maxBatchTokens = positiveInt("maxBatchTokens", opts.maxBatchTokens ?? 2048);
+    this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
+    this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
+  }
+
+  get numRunning(): number {
+    return this.running.length;
+  }
+
+  get numWaiting(): number {
+    return this.waiting.length;
+  }
+
+  /** Queue a request, or refuse it at once if it could never run or the queue is full. */
+  add(seq: Sequence): void {
+    const n = seq.promptLen;
+    const contextLength = this.config.maxPositionEmbeddings;
+    if (seq.kind === "generate" ? n >= contextLength : n > contextLength) {
+      fail("input", `the prompt has ${n} tokens; the model's context length is ${contextLength}`);
+    }
+    const { numBlocks, blockSize } = this.blocks;
+    const need = this.blocks.blocksFor(this.cacheTokens(seq));
+    if (need > numBlocks) {
+      const what = seq.kind === "generate" ? `${n} prompt tokens + maxTokens ${seq.params.maxTokens}` : `${n} tokens`;
+      fail("input", `the request needs ${need} KV blocks of ${blockSize} tokens (${what}); the KV pool has ${numBlocks}`);
+    }
+    if (this.waiting.length >= this.maxWaiting) {
+      fail("capacity", `${this.waiting.length} requests are already waiting (maxWaiting); try again later`);
+    }
+    this.waiting.push(seq);
+  }
+
+  /** Take a sequence out (finished, cancelled or failed) and give its blocks back at once. */
+  remove(seq: Sequence): void {
+    for (const queue of [this.waiting, this.running]) {
+      const i = queue.indexOf(seq);
+      if (i >= 0) queue.splice(i, 1);
+    }
+    if (seq.blocks) this.blocks.release(seq.blocks);
+  }
+
+  /** The next step's work, or null when there is none. */
+  schedule(): ScheduledStep | null {
+    let budget = this.maxBatchTokens;
+    const seqs: Sequence[] = [];
+    const queryLens: number[] = [];
+    const add = (seq: Sequence, n: number) => {
+      seqs.push(seq);
+      queryLens.push(n);
+      budget -= n;
+    };
+    const prefill = (seq: Sequence) => add(seq, Math.min(seq.promptLen - seq.computed, budget));
+    for (const seq of this.running) if (!seq.inPrefill && budget > 0) add(seq, 1);
+    for (const seq of this.running) if (seq.inPrefill && budget > 0) prefill(seq);
+    // A step must hold a decode token of every running sequence: that caps how many run at once.
+    while (budget > 0 && this.waiting.length > 0 && this.running.length < this.maxBatchTokens) {
+      const seq = this.waiting[0];
+      if (!this.admit(seq)) break; // the oldest goes first, even if a younger one would fit
+      this.waiting.shift();
+      this.running.push(seq);
+      prefill(seq);
+    }
+    return seqs.length === 0 ? null : { batch: this.buildBatch(seqs, queryLens), seqs, queryLens };
+  }
+
+  /** After the backend ran `step`: its new tokens' K/V are in the cache; full blocks join the prefix cache. */
+  commit(step: ScheduledStep): void {
+    step.seqs.forEach((seq, i) => {
+      seq.computed += step.queryLens[i];
+      this.blocks.commit(seq.blocks!, seq.tokens, seq.computed);
+    });
+  }
+
+  /**
+   * The most tokens a sequence's cache will hold: its prompt and every generated token but the last (the
+   * sequence ends as it samples that one, so it is never fed back), within the context length.
+   */
+  private cacheTokens(seq: Sequence): number {
+    if (seq.kind === "logits") return seq.promptLen;
+    return Math.min(seq.promptLen + seq.params.maxTokens, this.config.maxPositionEmbeddings) - 1;
+  }
+
+  private admit(seq: Sequence): boolean {
+    const alloc = this.blocks.allocate(seq.tokens, this.cacheTokens(seq), !seq.needsPromptLogits);
+    if (!alloc) return false;
+    seq.blocks = alloc;
+    seq.computed = alloc.cachedTokens;
+    seq.times.admitted = performance.now();
+    return true;
+  }
+
+  private buildBatch(seqs: Sequence[], queryLens: number[]): StepBatch {
+    const numSeqs = seqs.length;
+    const queryStarts = new Int32Array(numSeqs + 1);
+    const contextLens = new Int32Array(numSeqs);
+    const sample = new Uint8Array(numSeqs);
+    seqs.forEach((seq, i) => {
+      queryStarts[i + 1] = queryStarts[i] + queryLens[i];
+      contextLens[i] = seq.computed + queryLens[i];
+      sample[i] = seq.samplesAt(contextLens[i]) ? 1 : 0;
+      this.blocks.grow(seq.blocks!, contextLens[i]);
+    });
+
+    const tokens = new Int32Array(queryStarts[numSeqs]);
+    seqs.forEach((seq, i) => tokens.set(seq.tokens.slice(seq.computed, contextLens[i]), queryStarts[i]));
+
+    // One width for the batch; the unused tail of a shorter row is never read.
+    const blockTableWidth = Math.max(...contextLens.map((len) => this.blocks.blocksFor(len)));
+    const blockTables = new Int32Array(numSeqs * blockTableWidth);
+    seqs.forEach((seq, i) => {
+      blockTables.set(seq.blocks!.table.slice(0, this.blocks.blocksFor(contextLens[i])), i * blockTableWidth);
+    });
+
+    const allLogits = seqs.some((seq) => seq.inPrefill && seq.needsPromptLogits);
+    return {
+      tokens,
+      queryStarts,
+      contextLens,
+      blockTables,
+      blockTableWidth,
+      sample,
+      sampling: samplingBatch(seqs, sample),
+      returnLogits: allLogits ? "all" : "none",
+    };
+  }
+}
+
+function samplingBatch(seqs: Sequence[], sample: Uint8Array): SamplingBatch {
+  const n = seqs.length;
+  const b: SamplingBatch = {
+    temperature: new Float32Array(n),
+    topK: new Int32Array(n),
+    topP: new Float32Array(n),
+    minP: new Float32Array(n),
+    repetitionPenalty: new Float32Array(n),
+    frequencyPenalty: new Float32Array(n),
+    presencePenalty: new Float32Array(n),
+    seed: new Uint32Array(n),
+    counter: new Uint32Array(n),
+    history: new Int32Array(0),
+    historyStarts: new Int32Array(n + 1),
+    promptLens: new Int32Array(n),
+    topLogprobs: 0,
+  };
+  // Only the penalties read the history, and only sequences about to sample a token need it.
+  const withHistory = seqs.map((seq, i) => sample[i] === 1 && usesPenalties(seq.params));
+  seqs.forEach((seq, i) => {
+    const p = seq.params;
+    b.temperature[i] = p.temperature;
+    b.topK[i] = p.topK;
+    b.topP[i] = p.topP;
+    b.minP[i] = p.minP;
+    b.repetitionPenalty[i] = p.repetitionPenalty;
+    b.frequencyPenalty[i] = p.frequencyPenalty;
+    b.presencePenalty[i] = p.presencePenalty;
+    b.seed[i] = p.seed;
+    b.counter[i] = seq.generated;
+    b.historyStarts[i + 1] = b.historyStarts[i] + (withHistory[i] ? seq.tokens.length : 0);
+    b.promptLens[i] = withHistory[i] ? seq.promptLen : 0;
+    if (sample[i]) b.topLogprobs = Math.max(b.topLogprobs, p.logprobs ?? 0);
+  });
+  b.history = new Int32Array(b.historyStarts[n]);
+  seqs.forEach((seq, i) => {
+    if (withHistory[i]) b.history.set(seq.tokens, b.historyStarts[i]);
+  });
+  return b;
+}
+
+function positiveInt(name: string, value: number): number {
+  if (!Number.isInteger(value) || value < 1) fail("config", `${name} must be a positive integer (got ${value})`);
+  return value;
+}
