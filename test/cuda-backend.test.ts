@@ -1,5 +1,6 @@
 // The whole model on the GPU against the CPU reference: logits at every position within 1e-2 (relative
-// L2) in float16 and bfloat16, greedy decoding identical for 64 tokens, and the multi-step decode loop
+// L2) of the fp32 reference in float16 and bfloat16, and much closer to the reference emulating 16-bit
+// activations, with which greedy decoding is identical for 64 tokens; and the multi-step decode loop
 // (graph replays with on-device token feedback) equal to single steps. Skips where there is no GPU.
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
@@ -25,9 +26,10 @@ async function backends(preset: PresetName, dtype: HalfDType, cudaOpts: { graphs
   const config = parseModelConfig(presetConfigJson(PRESETS[preset], dtype));
   const weights = await packWeights(float32Source(randomWeights(config, 11), expectedShapes(config)), config, dtype);
   const cpu = new CpuBackend(weights, { numBlocks: 128 });
+  const emulated = new CpuBackend(weights, { numBlocks: 128, activations: dtype });
   const cuda = await CudaBackend.create(weights, { numBlocks: 128, maxBatchTokens: 512, maxBatchSeqs: 32, ...cudaOpts });
-  opened.push(cpu, cuda);
-  return { config, cpu, cuda };
+  opened.push(cpu, emulated, cuda);
+  return { config, cpu, emulated, cuda };
 }
 
 const blocks = (n: number, first = 0) => Array.from({ length: n }, (_, i) => first + i);
@@ -36,23 +38,30 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
   for (const preset of ["tiny", "decilm-tiny"] as const) {
     for (const dtype of DTYPES) {
       test(`${preset} ${dtype}: teacher-forced logits at every position, prefill then decode`, async () => {
-        const { config, cpu, cuda } = await backends(preset, dtype);
+        const { config, cpu, emulated, cuda } = await backends(preset, dtype);
         const vocab = config.vocabSize;
         const prompt = promptOf(100, 3);
         const prefill = batchOf([{ tokens: prompt, blocks: blocks(8), sample: false }], "all");
-        const [a, b] = [await cpu.step(prefill), await cuda.step(prefill)];
-        for (let t = 0; t < prompt.length; t++) {
-          const err = relErr(b.logits!.subarray(t * vocab, (t + 1) * vocab), a.logits!.subarray(t * vocab, (t + 1) * vocab));
-          assert.ok(err < 1e-2, `position ${t}: relative error ${err}`);
-        }
         const decode = batchOf([{ tokens: [prompt[5]], past: 100, blocks: blocks(8) }], "last");
-        const [c, d] = [await cpu.step(decode), await cuda.step(decode)];
-        assert.ok(relErr(d.logits!, c.logits!) < 1e-2, "decode logits");
-        assert.equal(d.tokens[0], c.tokens[0], "greedy token after decode");
+        const [want, close, got] = [cpu, emulated, cuda].map(async (b) => ({ prefill: await b.step(prefill), decode: await b.step(decode) }));
+        const [a, e, g] = [await want, await close, await got];
+        let worst = 0;
+        let worstEmulated = 0;
+        for (let t = 0; t < prompt.length; t++) {
+          const row = (r: typeof a.prefill) => r.logits!.subarray(t * vocab, (t + 1) * vocab);
+          worst = Math.max(worst, relErr(row(g.prefill), row(a.prefill)));
+          worstEmulated = Math.max(worstEmulated, relErr(row(g.prefill), row(e.prefill)));
+        }
+        console.log(`# ${preset} ${dtype}: worst relative error ${worst.toExponential(2)} vs fp32, ${worstEmulated.toExponential(2)} vs 16-bit emulation`);
+        assert.ok(worst < 1e-2, `prefill logits: relative error ${worst} vs the fp32 reference`);
+        assert.ok(worstEmulated < 3e-3, `prefill logits: relative error ${worstEmulated} vs the 16-bit emulation`);
+        assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode logits vs fp32");
+        assert.ok(relErr(g.decode.logits!, e.decode.logits!) < 3e-3, "decode logits vs the 16-bit emulation");
+        assert.equal(g.decode.tokens[0], e.decode.tokens[0], "greedy token after decode");
       });
 
       test(`${preset} ${dtype}: greedy decoding equals the CPU engine for 64 tokens, 4 requests at once`, async () => {
-        const { cpu, cuda } = await backends(preset, dtype);
+        const { emulated, cuda } = await backends(preset, dtype);
         const run = async (backend: Backend) => {
           const engine = new Engine({ backend, tokenizer: testTokenizer(), modelId: preset });
           try {
@@ -62,14 +71,14 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
             await engine.close();
           }
         };
-        const [want, got] = [await run(cpu), await run(cuda)];
+        const [want, got] = [await run(emulated), await run(cuda)];
         for (let i = 0; i < want.length; i++) assert.deepEqual(got[i], want[i], `request ${i}`);
       });
     }
   }
 
   test("multi-step decode (graph replays, tokens fed back on the GPU) equals single steps and the CPU", async () => {
-    const { cpu, cuda } = await backends("tiny", "bfloat16");
+    const { emulated: cpu, cuda } = await backends("tiny", "bfloat16");
     const eager = (await backends("tiny", "bfloat16", { graphs: false })).cuda;
     const prompts = [promptOf(30, 5), promptOf(7, 6), promptOf(50, 7)];
     const seqs = prompts.map((p, i) => ({ tokens: p, blocks: blocks(8, i * 8) }));

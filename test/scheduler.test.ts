@@ -19,8 +19,8 @@ function scheduler(numBlocks: number, blockSize: number, opts: SchedulerOptions 
 
 /** Run a scheduled step as if a backend had: commit it and give every sampling sequence a token. */
 function complete(s: Scheduler, step: ScheduledStep, token = 42): void {
-  s.commit(step);
   step.seqs.forEach((seq, i) => {
+    s.commit(seq, step.queryLens[i]);
     if (step.batch.sample[i]) seq.accept(token);
   });
 }

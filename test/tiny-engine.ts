@@ -66,6 +66,15 @@ export class SpyBackend implements Backend {
   get maxSteps() {
     return this.inner.maxSteps;
   }
+  get weightBytes() {
+    return this.inner.weightBytes;
+  }
+  get maxBatchTokens() {
+    return this.inner.maxBatchTokens;
+  }
+  get maxBatchSeqs() {
+    return this.inner.maxBatchSeqs;
+  }
   get kv() {
     return this.inner.kv;
   }

@@ -34,6 +34,13 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// (a, b) as a packed pair of T, and the rounding error left over, also as T.
+template <typename T> __device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  hi = pack2<T>(a, b);
+  const T* h = reinterpret_cast<const T*>(&hi);
+  lo = pack2<T>(a - to_float(h[0]), b - to_float(h[1]));
+}
+
 // D += A (16x16, row) x B (16x8, col), fp32 accumulators.
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, half) {
   asm volatile(
@@ -165,21 +172,24 @@ __global__ void __launch_bounds__(kPrefillThreads)
       l0 += sc[n][0] + sc[n][1];
       l1 += sc[n][2] + sc[n][3];
     }
-    // O += P V: the score accumulators of two adjacent key tiles are exactly an A fragment.
+    // O += P V: the score accumulators of two adjacent key tiles are exactly an A fragment. P goes in as
+    // two 16-bit parts (P = hi + lo), so the products keep ~16 bits of P, as the fp32 decode kernel does.
 #pragma unroll
     for (int kt = 0; kt < kPrefillKeys / 16; kt++) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(sc[2 * kt][0], sc[2 * kt][1]);
-      pa[1] = pack2<T>(sc[2 * kt][2], sc[2 * kt][3]);
-      pa[2] = pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]);
-      pa[3] = pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3]);
+      uint32_t hi[4], lo[4];
+      split2<T>(sc[2 * kt][0], sc[2 * kt][1], hi[0], lo[0]);
+      split2<T>(sc[2 * kt][2], sc[2 * kt][3], hi[1], lo[1]);
+      split2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1], hi[2], lo[2]);
+      split2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3], hi[3], lo[3]);
       const int key = kt * 16 + tig * 2;
 #pragma unroll
       for (int n = 0; n < HD / 8; n++) {
         const T* vcol = vs + n * 8 + quad;
-        T lo[2] = {vcol[key * tile_stride<HD>()], vcol[(key + 1) * tile_stride<HD>()]};
-        T hi[2] = {vcol[(key + 8) * tile_stride<HD>()], vcol[(key + 9) * tile_stride<HD>()]};
-        mma16816(o[n], pa, *reinterpret_cast<uint32_t*>(lo), *reinterpret_cast<uint32_t*>(hi), T());
+        T b01[2] = {vcol[key * tile_stride<HD>()], vcol[(key + 1) * tile_stride<HD>()]};
+        T b23[2] = {vcol[(key + 8) * tile_stride<HD>()], vcol[(key + 9) * tile_stride<HD>()]};
+        const uint32_t b0 = *reinterpret_cast<uint32_t*>(b01), b1 = *reinterpret_cast<uint32_t*>(b23);
+        mma16816(o[n], hi, b0, b1, T());
+        mma16816(o[n], lo, b0, b1, T());
       }
     }
   }

@@ -35,6 +35,10 @@ template <> __device__ __forceinline__ half from_float<half>(float x) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 
+// x as stored in T and read back: products are rounded where the unfused path stores them, so that the
+// fused and unfused kernels (and the CPU reference emulating 16-bit activations) compute the same values.
+template <typename T> __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
+
 // Eight 16-bit values in one 16-byte load.
 __device__ __forceinline__ void unpack8(const uint4& v, float out[8], half) {
   const half2* h = reinterpret_cast<const half2*>(&v);

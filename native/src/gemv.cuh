@@ -1,12 +1,15 @@
-// Decode-time matrix-vector products for 1 to 8 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
+// Decode-time matrix products for 1 to 16 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
 //
-// Bytes: every weight once (rows x cols x 2), activations from shared memory. FLOPs: 2 x rows x cols x B,
-// far under the tensor cores' rate, so the limit is memory bandwidth: the goal is to stream W at its rate.
-// Each warp owns whole rows (1 or 2) over the full width, with 16-byte loads, U loads per row in flight per
-// lane, and the first loads issued before waiting for the previous kernel (PDL), so a kernel's weight stream
-// starts while the one before it drains. The small work around the product is fused in: a prologue that
-// builds the input (plain copy, or RMSNorm of the fp32 residual stream) in shared memory, and an epilogue
-// that consumes the dot products (residual add, RoPE + KV-cache write, SiLU(gate) x up, fp32 logits).
+// Bytes: every weight once (rows x cols x 2); FLOPs: 2 x rows x cols x batch, far under the tensor cores'
+// rate: the limit is memory bandwidth, so the kernel exists to keep enough weight loads in flight.
+// Each block owns a tile of 16 rows; its 8 warps split the columns (32 at a time, round robin) and stream
+// their part of the tile with 16-byte loads, several chunks deep, the first ones issued before waiting for
+// the previous kernel (PDL). The products run on the tensor cores (mma.m16n8k16, fp32 accumulation) with
+// the k order inside each 32-column chunk permuted so that every lane's 16-byte load is directly its
+// fragment: no shuffles, no conversions, a handful of instructions per 32 bytes of weights. The warps'
+// partial sums meet in shared memory, where a fused epilogue consumes them (residual add, RoPE + KV-cache
+// write, SiLU(gate) x up, fp32 logits). A prologue builds the activations in shared memory first: a plain
+// copy, or the RMSNorm of the fp32 residual stream.
 #pragma once
 #include "common.cuh"
 
@@ -14,19 +17,21 @@ namespace decima {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvMaxBatch = 16;
+constexpr int kGemvPad = 32;  // shared-memory row padding (elements): rows of x fall in different banks
 
-// ---- prologues: fill xs[b][k] (B rows of `cols` values, type T) -----------------------------------------
+// ---- prologues: fill xs[b][k] (rows of `stride` elements; rows at or past `batch` are zero) -------------
 
 template <typename T> struct ProPlain {
   const T* x;  // [batch][ld]
   int ld;
-  __device__ void load(T* xs, int B, int batch, int cols, float*) const {
-    const int chunks = cols / 8;
-    for (int i = threadIdx.x; i < B * chunks; i += blockDim.x) {
+  __device__ void load(T* xs, int rows, int stride, int batch, int cols, float*) const {
+    const int chunks = stride / 8;
+    for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
       const int b = i / chunks, c = i % chunks;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (b < batch) v = reinterpret_cast<const uint4*>(x + (size_t)b * ld)[c];
-      reinterpret_cast<uint4*>(xs + (size_t)b * cols)[c] = v;
+      if (b < batch && c * 8 < cols) v = reinterpret_cast<const uint4*>(x + (size_t)b * ld)[c];
+      reinterpret_cast<uint4*>(xs + (size_t)b * stride)[c] = v;
     }
   }
 };
@@ -37,43 +42,50 @@ template <typename T> struct ProRmsNorm {
   int ld;
   const T* gain;
   float eps;
-  __device__ void load(T* xs, int B, int batch, int cols, float* scratch) const {
-    for (int b = 0; b < B; b++) {
+  __device__ void load(T* xs, int rows, int stride, int batch, int cols, float* scratch) const {
+    for (int b = 0; b < rows; b++) {
       const float* r = resid + (size_t)b * ld;
       float ss = 0.f;
       if (b < batch)
         for (int k = threadIdx.x * 4; k < cols; k += blockDim.x * 4) {
-          float4 v = *reinterpret_cast<const float4*>(r + k);
+          const float4 v = *reinterpret_cast<const float4*>(r + k);
           ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
         }
-      const float rstd = rsqrtf(block_sum(ss, scratch) / cols + eps);
-      for (int k = threadIdx.x; k < cols; k += blockDim.x)
-        xs[(size_t)b * cols + k] = b < batch ? from_float<T>(r[k] * rstd * to_float(gain[k])) : from_float<T>(0.f);
+      if (b < batch) {
+        const float rstd = rsqrtf(block_sum(ss, scratch) / cols + eps);
+        for (int k = threadIdx.x; k < stride; k += blockDim.x)
+          xs[(size_t)b * stride + k] = from_float<T>(k < cols ? r[k] * rstd * to_float(gain[k]) : 0.f);
+      } else {
+        for (int k = threadIdx.x; k < stride; k += blockDim.x) xs[(size_t)b * stride + k] = from_float<T>(0.f);
+      }
     }
   }
 };
 
-// ---- epilogues: which rows a warp owns, and what becomes of their dot products (stored by lane 0) --------
+// ---- epilogues -------------------------------------------------------------------------------------------
+// A block's 16 rows are two groups of 8, starting at rows `lo` and `hi`; lane-level results arrive as
+// (i, b, v_lo, v_hi): rows lo + i and hi + i, batch row b. Pairing the groups puts a RoPE pair, or a gate
+// row and its up row, in the same thread.
 
-// One row per warp, consecutive across the grid.
-struct RowsLinear {
-  static constexpr int ROWS = 1;
-  int rows;
-  __device__ bool map(int block, int warp, int r[1]) const {
-    r[0] = block * kGemvWarps + warp;
-    return r[0] < rows;
-  }
-  static int blocks(int rows) { return ceil_div(rows, kGemvWarps); }
+struct TileRows {
+  int lo, hi;
 };
 
-// residual[b][r] += y: the O and down projections write straight into the fp32 residual stream.
+// 16 consecutive rows per block.
+struct RowsLinear {
+  int rows;
+  __device__ TileRows tile(int block) const { return {block * 16, block * 16 + 8}; }
+  static int blocks(int rows) { return ceil_div(rows, 16); }
+  __device__ bool valid(int row) const { return row < rows; }
+};
+
+// residual[b][r] += y: the O and down projections add straight into the fp32 residual stream.
 struct EpiResidual : RowsLinear {
   float* resid;
   int ld;
-  template <int B> __device__ void store(const int r[1], const float (&acc)[1][B], int batch) const {
-#pragma unroll
-    for (int b = 0; b < B; b++)
-      if (b < batch) resid[(size_t)b * ld + r[0]] += acc[0][b];
+  __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
+    if (valid(t.lo + i)) resid[(size_t)b * ld + t.lo + i] += lo;
+    if (valid(t.hi + i)) resid[(size_t)b * ld + t.hi + i] += hi;
   }
 };
 
@@ -81,43 +93,33 @@ struct EpiResidual : RowsLinear {
 struct EpiLogits : RowsLinear {
   float* out;
   int ld;
-  template <int B> __device__ void store(const int r[1], const float (&acc)[1][B], int batch) const {
-#pragma unroll
-    for (int b = 0; b < B; b++)
-      if (b < batch) out[(size_t)b * ld + r[0]] = acc[0][b];
+  __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
+    if (valid(t.lo + i)) out[(size_t)b * ld + t.lo + i] = lo;
+    if (valid(t.hi + i)) out[(size_t)b * ld + t.hi + i] = hi;
   }
 };
 
-// Plain T output (used where a product feeds a separate kernel, and by tests).
+// Plain T output (tests).
 template <typename T> struct EpiStore : RowsLinear {
   T* out;
   int ld;
-  template <int B> __device__ void store(const int r[1], const float (&acc)[1][B], int batch) const {
-#pragma unroll
-    for (int b = 0; b < B; b++)
-      if (b < batch) out[(size_t)b * ld + r[0]] = from_float<T>(acc[0][b]);
+  __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
+    if (valid(t.lo + i)) out[(size_t)b * ld + t.lo + i] = from_float<T>(lo);
+    if (valid(t.hi + i)) out[(size_t)b * ld + t.hi + i] = from_float<T>(hi);
   }
 };
 
-// Gate/up packed as [gate; up]: a warp takes gate row i and up row i and writes silu(g) * u.
+// Gate/up packed as [gate; up]: a block takes gate rows i..i+7 and their up rows, writes silu(g) x u.
 template <typename T> struct EpiSiluMul {
-  static constexpr int ROWS = 2;
   int inter;
   T* out;
   int ld;
-  __device__ bool map(int block, int warp, int r[2]) const {
-    r[0] = block * kGemvWarps + warp;
-    r[1] = r[0] + inter;
-    return r[0] < inter;
-  }
-  static int blocks(int inter) { return ceil_div(inter, kGemvWarps); }
-  template <int B> __device__ void store(const int r[2], const float (&acc)[2][B], int batch) const {
-#pragma unroll
-    for (int b = 0; b < B; b++) {
-      if (b >= batch) continue;
-      const float g = acc[0][b], u = acc[1][b];
-      out[(size_t)b * ld + r[0]] = from_float<T>(g / (1.f + __expf(-g)) * u);
-    }
+  __device__ TileRows tile(int block) const { return {block * 8, inter + block * 8}; }
+  static int blocks(int inter) { return ceil_div(inter, 8); }
+  __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
+    if (t.lo + i >= inter) return;
+    const float g = round_to<T>(lo), u = round_to<T>(hi);
+    out[(size_t)b * ld + t.lo + i] = from_float<T>(g / (1.f + __expf(-g)) * u);
   }
 };
 
@@ -128,156 +130,155 @@ __device__ __forceinline__ size_t kv_index(int slot, int kv_head, int kv_heads, 
 }
 
 // Rotary embedding as Hugging Face's Llama applies it (rotate_half): element p pairs with p + HD/2.
-// `rope` holds (cos, sin) per position and frequency, [max_pos][HD/2].
+// `table` holds (cos, sin) per position and frequency, [max_pos][HD/2].
 struct RopeArgs {
   const float2* table;
   const int* positions;  // per token
   const int* slots;      // per token: where its K/V go
 };
 
-// Fused Q/K/V: rows are [Q heads | K heads | V heads] x HD. A warp takes a rotation pair (p, p + HD/2) of
+// Fused Q/K/V: rows are [Q heads | K heads | V heads] x HD. A block takes 8 rotation pairs (p, p + HD/2) of
 // one head, so RoPE is applied before anything is written; K and V go straight into the paged cache.
 template <typename T> struct EpiQkvRope {
-  static constexpr int ROWS = 2;
   int hd, heads, kv_heads, block_size;
   T* q;  // [batch][q_ld]
   int q_ld;
   T* k_cache;
   T* v_cache;
   RopeArgs rope;
-  __device__ bool map(int block, int warp, int r[2]) const {
-    const int per_head = hd / 2 / kGemvWarps;  // blocks per head
-    const int head = block / per_head, p = (block % per_head) * kGemvWarps + warp;
-    r[0] = head * hd + p;
-    r[1] = r[0] + hd / 2;
-    return head < heads + 2 * kv_heads;
+  __device__ TileRows tile(int block) const {
+    const int per_head = hd / 16, head = block / per_head, p = (block % per_head) * 8;
+    return {head * hd + p, head * hd + p + hd / 2};
   }
-  static int blocks(int hd, int heads, int kv_heads) { return (heads + 2 * kv_heads) * (hd / 2 / kGemvWarps); }
-  template <int B> __device__ void store(const int r[2], const float (&acc)[2][B], int batch) const {
-    const int head = r[0] / hd, p = r[0] % hd;
-#pragma unroll
-    for (int b = 0; b < B; b++) {
-      if (b >= batch) continue;
-      float x1 = acc[0][b], x2 = acc[1][b];
-      if (head < heads + kv_heads) {  // Q and K rotate; V does not
-        const float2 cs = rope.table[(size_t)rope.positions[b] * (hd / 2) + p];
-        const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
-        x1 = y1;
-        x2 = y2;
-      }
-      T* dst;
-      if (head < heads) {
-        dst = q + (size_t)b * q_ld + head * hd + p;
-      } else {
-        const int slot = rope.slots[b];
-        const bool is_k = head < heads + kv_heads;
-        const int g = is_k ? head - heads : head - heads - kv_heads;
-        dst = (is_k ? k_cache : v_cache) + kv_index(slot, g, kv_heads, block_size, hd) + p;
-      }
-      dst[0] = from_float<T>(x1);
-      dst[hd / 2] = from_float<T>(x2);
+  static int blocks(int hd, int heads, int kv_heads) { return (heads + 2 * kv_heads) * (hd / 16); }
+  __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
+    const int head = t.lo / hd, p = t.lo % hd + i;
+    float x1 = round_to<T>(lo), x2 = round_to<T>(hi);
+    if (head < heads + kv_heads) {  // Q and K rotate; V does not
+      const float2 cs = rope.table[(size_t)rope.positions[b] * (hd / 2) + p];
+      const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
+      x1 = y1;
+      x2 = y2;
     }
+    T* dst;
+    if (head < heads) {
+      dst = q + (size_t)b * q_ld + head * hd + p;
+    } else {
+      const bool is_k = head < heads + kv_heads;
+      const int g = is_k ? head - heads : head - heads - kv_heads;
+      dst = (is_k ? k_cache : v_cache) + kv_index(rope.slots[b], g, kv_heads, block_size, hd) + p;
+    }
+    dst[0] = from_float<T>(x1);
+    dst[hd / 2] = from_float<T>(x2);
   }
 };
 
 // ---- the kernel ------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
-
-template <typename T, int B, int U, class Pro, class Epi>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const T* __restrict__ w, int cols, int batch, Pro pro, Epi epi) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[32];
-  T* xs = reinterpret_cast<T*>(smem_raw);
-  constexpr int R = Epi::ROWS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int chunks = cols / 8;
-
-  int row[R];
-  const bool active = epi.map(blockIdx.x, warp, row);
-  const uint4* wrow[R];
-#pragma unroll
-  for (int i = 0; i < R; i++) wrow[i] = reinterpret_cast<const uint4*>(w + (size_t)(active ? row[i] : 0) * cols);
-
-  // Weights depend on nothing earlier in the step: start streaming them before waiting.
-  uint4 buf[R][U];
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    const int c = lane + 32 * u;
-#pragma unroll
-    for (int i = 0; i < R; i++) buf[i][u] = (active && c < chunks) ? load_stream(wrow[i] + c) : make_uint4(0, 0, 0, 0);
-  }
-  pdl_launch_dependents();
-  pdl_wait();
-  pro.load(xs, B, batch, cols, scratch);
-  __syncthreads();
-  if (!active) return;
-
-  float acc[R][B];
-#pragma unroll
-  for (int i = 0; i < R; i++)
-#pragma unroll
-    for (int b = 0; b < B; b++) acc[i][b] = 0.f;
-
-  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-    uint4 next[R][U];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int c = c0 + 32 * (U + u);
-#pragma unroll
-      for (int i = 0; i < R; i++) next[i][u] = c < chunks ? load_stream(wrow[i] + c) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int c = c0 + 32 * u;
-      if (c >= chunks) break;
-      float wf[R][8];
-#pragma unroll
-      for (int i = 0; i < R; i++) unpack8(buf[i][u], wf[i], T());
-#pragma unroll
-      for (int b = 0; b < B; b++) {
-        float xf[8];
-        unpack8(reinterpret_cast<const uint4*>(xs + (size_t)b * cols)[c], xf, T());
-#pragma unroll
-        for (int i = 0; i < R; i++)
-#pragma unroll
-          for (int j = 0; j < 8; j++) acc[i][b] = fmaf(wf[i][j], xf[j], acc[i][b]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++)
-#pragma unroll
-      for (int i = 0; i < R; i++) buf[i][u] = next[i][u];
-  }
-#pragma unroll
-  for (int i = 0; i < R; i++)
-#pragma unroll
-    for (int b = 0; b < B; b++) acc[i][b] = warp_sum(acc[i][b]);
-  if (lane == 0) epi.template store<B>(row, acc, batch);
+__device__ __forceinline__ void mma_bf16_or_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
+                                                __nv_bfloat16) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16_or_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
+                                                half) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <typename T, int B, class Pro, class Epi>
-void gemv_launch_b(const Launch& l, const T* w, int cols, int batch, int blocks, const Pro& pro, const Epi& epi) {
-  constexpr int U = B <= 2 ? 4 : 2;
-  auto kernel = gemv_kernel<T, B, U, Pro, Epi>;
-  const size_t smem = (size_t)B * cols * sizeof(T);
+__device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
+
+// NT n-tiles of 8 batch rows (batch <= 8 NT); P chunks of 32 columns in flight per warp.
+template <typename T, int NT, int P, class Pro, class Epi>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const T* __restrict__ w, int rows, int cols, int batch, Pro pro, Epi epi) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float scratch[32];
+  __shared__ float red[kGemvWarps][16][8 * NT];
+  const int stride = cols + kGemvPad;
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quad = lane >> 2, tig = lane & 3;
+  const TileRows t = epi.tile(blockIdx.x);
+  const int chunks = ceil_div(cols, 32);
+  // Lane (quad, tig) streams rows lo + quad and hi + quad, columns [32c + 8 tig, 32c + 8 tig + 8).
+  const bool ok_lo = t.lo + quad < rows, ok_hi = t.hi + quad < rows;
+  const T* row_lo = w + (size_t)(ok_lo ? t.lo + quad : 0) * cols + tig * 8;
+  const T* row_hi = w + (size_t)(ok_hi ? t.hi + quad : 0) * cols + tig * 8;
+  auto load = [&](int c, uint4& lo, uint4& hi) {
+    const bool in = c < chunks && c * 32 + tig * 8 < cols;
+    lo = in && ok_lo ? load_stream(row_lo + c * 32) : make_uint4(0, 0, 0, 0);
+    hi = in && ok_hi ? load_stream(row_hi + c * 32) : make_uint4(0, 0, 0, 0);
+  };
+
+  // The weights depend on nothing earlier in the step: start streaming them before waiting.
+  uint4 a_lo[P], a_hi[P];
+#pragma unroll
+  for (int j = 0; j < P; j++) load(warp + j * kGemvWarps, a_lo[j], a_hi[j]);
+  pdl_launch_dependents();
+  pdl_wait();
+  pro.load(xs, 8 * NT, stride, batch, cols, scratch);
+  __syncthreads();
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int c0 = warp; c0 < chunks; c0 += P * kGemvWarps) {
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+      const int c = c0 + j * kGemvWarps;
+      if (c < chunks) {
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+          const uint4 x = *reinterpret_cast<const uint4*>(xs + (size_t)(n * 8 + quad) * stride + c * 32 + tig * 8);
+          // Two k16 steps: elements 0-3 of the lane's 8 columns, then 4-7 (see the note at the top).
+          mma_bf16_or_f16(acc[n], a_lo[j].x, a_hi[j].x, a_lo[j].y, a_hi[j].y, x.x, x.y, T());
+          mma_bf16_or_f16(acc[n], a_lo[j].z, a_hi[j].z, a_lo[j].w, a_hi[j].w, x.z, x.w, T());
+        }
+      }
+      load(c + P * kGemvWarps, a_lo[j], a_hi[j]);
+    }
+  }
+  // acc[n]: rows (quad, quad + 8) x batch (n * 8 + 2 tig, + 1).
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+    red[warp][quad][n * 8 + 2 * tig] = acc[n][0];
+    red[warp][quad][n * 8 + 2 * tig + 1] = acc[n][1];
+    red[warp][quad + 8][n * 8 + 2 * tig] = acc[n][2];
+    red[warp][quad + 8][n * 8 + 2 * tig + 1] = acc[n][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 8 * 8 * NT; i += blockDim.x) {
+    const int r = i / (8 * NT), b = i % (8 * NT);
+    if (b >= batch) continue;
+    float lo = 0.f, hi = 0.f;
+#pragma unroll
+    for (int v = 0; v < kGemvWarps; v++) {
+      lo += red[v][r][b];
+      hi += red[v][r + 8][b];
+    }
+    epi.store(t, r, b, lo, hi);
+  }
+}
+
+template <typename T, int NT, class Pro, class Epi>
+void gemv_launch(const Launch& l, const T* w, int rows, int cols, int batch, int blocks, const Pro& pro, const Epi& epi) {
+  constexpr int P = 8;
+  auto kernel = gemv_kernel<T, NT, P, Pro, Epi>;
+  const size_t smem = (size_t)8 * NT * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     configured = smem;
   }
-  launch(l, kernel, dim3(blocks), dim3(kGemvThreads), smem, w, cols, batch, pro, epi);
+  launch(l, kernel, dim3(blocks), dim3(kGemvThreads), smem, w, rows, cols, batch, pro, epi);
 }
 
-constexpr int kGemvMaxBatch = 8;
-
-// Dispatch on the batch: B is the smallest of 1, 2, 4, 8 that holds it.
+// `rows` bounds the weight rows read; `blocks` comes from the epilogue's tiling.
 template <typename T, class Pro, class Epi>
-void gemv(const Launch& l, const T* w, int cols, int batch, int blocks, const Pro& pro, const Epi& epi) {
-  if (batch <= 1) gemv_launch_b<T, 1>(l, w, cols, batch, blocks, pro, epi);
-  else if (batch <= 2) gemv_launch_b<T, 2>(l, w, cols, batch, blocks, pro, epi);
-  else if (batch <= 4) gemv_launch_b<T, 4>(l, w, cols, batch, blocks, pro, epi);
-  else if (batch <= 8) gemv_launch_b<T, 8>(l, w, cols, batch, blocks, pro, epi);
+void gemv(const Launch& l, const T* w, int rows, int cols, int batch, int blocks, const Pro& pro, const Epi& epi) {
+  if (batch <= 8) gemv_launch<T, 1>(l, w, rows, cols, batch, blocks, pro, epi);
+  else if (batch <= 16) gemv_launch<T, 2>(l, w, rows, cols, batch, blocks, pro, epi);
   else throw CudaError("gemv: batch " + std::to_string(batch) + " is over " + std::to_string(kGemvMaxBatch));
 }
 

@@ -66,7 +66,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y((size_t)batch * rows * sizeof(T));
         EpiStore<T> e{};
         e.rows = rows; e.out = y.as<T>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -74,7 +74,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y(c.buf("resid_out"));
         EpiResidual e{};
         e.rows = rows; e.resid = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -82,7 +82,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y((size_t)batch * rows * 4);
         EpiLogits e{};
         e.rows = rows; e.out = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -90,7 +90,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         const int inter = rows / 2;
         Dev y((size_t)batch * inter * sizeof(T));
         EpiSiluMul<T> e{inter, y.as<T>(), inter};
-        gemv(kEager, w.as<T>(), cols, batch, EpiSiluMul<T>::blocks(inter), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, EpiSiluMul<T>::blocks(inter), pro, e);
         out["y"] = y.read();
       }
     }
@@ -119,7 +119,7 @@ template <typename T, int HD> BufferMap qkv_test(const Ctx& c) {
   const ProRmsNorm<T> pro{x.as<float>(), hidden, gain.as<T>(), c.f("eps")};
   if (c.i("fused")) {
     EpiQkvRope<T> e{HD, heads, kv, bs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), ra};
-    gemv(kEager, w.as<T>(), hidden, n, EpiQkvRope<T>::blocks(HD, heads, kv), pro, e);
+    gemv(kEager, w.as<T>(), rows, hidden, n, EpiQkvRope<T>::blocks(HD, heads, kv), pro, e);
   } else {
     Dev xn((size_t)n * hidden * sizeof(T)), qkv((size_t)n * rows * sizeof(T));
     launch(kEager, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)x.as<float>(), (const int*)nullptr, (const T*)gain.as<T>(), xn.as<T>(),
@@ -190,13 +190,11 @@ BufferMap sample_test(const Ctx& c) {
   Dev temp(c.buf("temperature")), tk(c.buf("top_k")), tp(c.buf("top_p")), mp(c.buf("min_p")), rep(c.buf("repetition")), fr(c.buf("frequency")),
       pr(c.buf("presence")), seed(c.buf("seed")), ctr(c.buf("counter")), smp(c.buf("sample")), ps(c.buf("pen_starts")), pt(c.buf("pen_tokens")),
       pc(c.buf("pen_counts")), saved(c.buf("pen_tokens").size());
-  Dev tokens(seqs * 4), lps(seqs * 4), lse(seqs * 4), tids((size_t)seqs * std::max(top_n, 1) * 4), tlps((size_t)seqs * std::max(top_n, 1) * 4);
+  Dev tokens(seqs * 4), lps(seqs * 4), tids((size_t)seqs * std::max(top_n, 1) * 4), tlps((size_t)seqs * std::max(top_n, 1) * 4);
   SamplingArgs a{temp.as<float>(), tk.as<int>(), tp.as<float>(), mp.as<float>(), rep.as<float>(), fr.as<float>(), pr.as<float>(),
                  seed.as<uint32_t>(), ctr.as<uint32_t>(), smp.as<uint8_t>(), ps.as<int>(), pt.as<int>(), pc.as<int>(), saved.as<float>()};
-  SampleOut out{tokens.as<int>(), lps.as<float>(), lse.as<float>(), tids.as<int>(), tlps.as<float>()};
-  launch_logprobs(kEager, logits.as<float>(), seqs, vocab, top_n, out);
-  launch_penalties(kEager, logits.as<float>(), seqs, vocab, a);
-  launch_sample(kEager, logits.as<float>(), probs.as<float>(), seqs, vocab, a, out);
+  SampleOut out{tokens.as<int>(), lps.as<float>(), tids.as<int>(), tlps.as<float>()};
+  launch_sample(kEager, logits.as<float>(), probs.as<float>(), seqs, vocab, top_n, a, out);
   return {{"tokens", tokens.read()}, {"logprobs", lps.read()}, {"top_ids", tids.read()}, {"top_logprobs", tlps.read()}};
 }
 

@@ -9,6 +9,7 @@
 #include "gemm.h"
 #include "gemv.cuh"
 #include "model.h"
+#include "profiler.h"
 #include "rope_table.h"
 #include "sampling.cuh"
 
@@ -104,7 +105,8 @@ struct LayerWeights {
 
 template <typename T, int HD> class Runner final : public Model {
  public:
-  Runner(const ModelDims& d, const RunnerOptions& o) : d_(d), o_(o), gemm_(32u << 20) {
+  Runner(const ModelDims& d, const RunnerOptions& o) : d_(d), o_(o), gemm_(32u << 20), prof_(o.profile) {
+    if (o_.profile) o_.graphs = false;  // the profiler times eager launches
     table_width_ = ceil_div(d.max_pos, o.block_size);
     max_parts_ = ceil_div(d.max_pos, kPartition);
     allocate_weights();
@@ -213,7 +215,6 @@ template <typename T, int HD> class Runner final : public Model {
     part_o_ = arena_.device<float>(s * max_heads * max_parts_ * HD, "attention partials");
     counters_ = arena_.device<int>(s * max_kv, "attention counters");
     CUDA_CHECK(cudaMemset(counters_, 0, s * max_kv * sizeof(int)));
-    lse_ = arena_.device<float>(s, "sampling");
     cur_tokens_ = arena_.device<int>(s, "sampling");
     cur_logprobs_ = arena_.device<float>(s, "sampling");
     cur_top_ids_ = arena_.device<int>(s * kMaxTopLogprobs, "sampling");
@@ -354,24 +355,31 @@ template <typename T, int HD> class Runner final : public Model {
 
   // One decoder step over `sh.tokens` rows, ending with sampled tokens in cur_*. With few rows the matrix
   // products are GEMVs with their neighbours fused in; otherwise cuBLASLt with small kernels between.
-  void forward(const Shape& sh, int top_n, bool penalties, float* logits_to_host = nullptr) {
+  void forward(const Shape& sh, int top_n, float* logits_to_host = nullptr) {
     const Launch l{stream_, o_.pdl};
     const int n = sh.tokens, h = d_.hidden;
     const bool small = n <= kGemvMaxBatch;
     const DType dt = d_.dtype;
+    prof_.begin(stream_);
     launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
+    prof_.mark(stream_, "embedding");
     for (size_t i = 0; i < d_.layers.size(); i++) {
       const LayerDims& ld = d_.layers[i];
       const LayerWeights& w = layers_[i];
       const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
       if (small) {
         EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
-        gemv(l, (const T*)w.qkv, h, n, EpiQkvRope<T>::blocks(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
+        gemv(l, (const T*)w.qkv, rows_qkv, h, n, EpiQkvRope<T>::blocks(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps},
+             epi);
+        prof_.mark(stream_, "gemv qkv+rope");
       } else {
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
+        prof_.mark(stream_, "rmsnorm");
         gemm_.run(stream_, dt, w.qkv, xnorm_, qkv_, n, rows_qkv, h, false, false);
+        prof_.mark(stream_, "gemm qkv");
         launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
                v_cache_[i], rope_args());
+        prof_.mark(stream_, "rope+kv write");
       }
       attention(l, sh, ld, i);
       if (small) {
@@ -379,22 +387,34 @@ template <typename T, int HD> class Runner final : public Model {
         epi.rows = h;
         epi.resid = resid_;
         epi.ld = h;
-        gemv(l, (const T*)w.o, qw, n, RowsLinear::blocks(h), ProPlain<T>{attn_, qw}, epi);
+        gemv(l, (const T*)w.o, h, qw, n, RowsLinear::blocks(h), ProPlain<T>{attn_, qw}, epi);
+        prof_.mark(stream_, "gemv o");
         EpiSiluMul<T> act{ld.inter, act_, ld.inter};
-        gemv(l, (const T*)w.gate_up, h, n, EpiSiluMul<T>::blocks(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
-        gemv(l, (const T*)w.down, ld.inter, n, RowsLinear::blocks(h), ProPlain<T>{act_, ld.inter}, epi);
+        gemv(l, (const T*)w.gate_up, 2 * ld.inter, h, n, EpiSiluMul<T>::blocks(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps},
+             act);
+        prof_.mark(stream_, "gemv gate/up+silu");
+        gemv(l, (const T*)w.down, h, ld.inter, n, RowsLinear::blocks(h), ProPlain<T>{act_, ld.inter}, epi);
+        prof_.mark(stream_, "gemv down");
       } else {
         gemm_.run(stream_, dt, w.o, attn_, resid_, n, h, qw, true, true);
+        prof_.mark(stream_, "gemm o");
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
+        prof_.mark(stream_, "rmsnorm");
         gemm_.run(stream_, dt, w.gate_up, xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
+        prof_.mark(stream_, "gemm gate/up");
         launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
+        prof_.mark(stream_, "silu x up");
         gemm_.run(stream_, dt, w.down, act_, resid_, n, h, ld.inter, true, true);
+        prof_.mark(stream_, "gemm down");
       }
     }
     lm_head(l, sh);
+    prof_.mark(stream_, "lm head");
     // Raw logits leave before the penalties change them in place.
     if (logits_to_host) CUDA_CHECK(cudaMemcpyAsync(logits_to_host, logits_, (size_t)sh.seqs * d_.vocab * 4, cudaMemcpyDeviceToHost, stream_));
-    sample(l, sh.seqs, top_n, penalties);
+    sample(l, sh.seqs, top_n);
+    prof_.mark(stream_, "sampling");
+    prof_.end();
   }
 
   void attention(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i) {
@@ -403,11 +423,13 @@ template <typename T, int HD> class Runner final : public Model {
       DecodeAttnArgs a{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
                        o_.block_size, max_parts_, 1.f / std::sqrt((float)HD), part_m_, part_l_, part_o_, counters_};
       attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
+      prof_.mark(stream_, "attention decode");
     }
     if (sh.n_pre) {
       PrefillAttnArgs a{dev_in_.pre_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
                         o_.block_size, 1.4426950408889634f / std::sqrt((float)HD)};
       attention_prefill<T, HD>(l, sh.n_pre, sh.max_qlen, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
+      prof_.mark(stream_, "attention prefill");
     }
   }
 
@@ -420,21 +442,19 @@ template <typename T, int HD> class Runner final : public Model {
     epi.out = logits_;
     epi.ld = d_.vocab;
     if (sh.tokens == s && s <= kGemvMaxBatch) {
-      gemv(l, lm_head_, h, s, RowsLinear::blocks(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::blocks(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
       return;
     }
     launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
-    if (s <= kGemvMaxBatch) gemv(l, lm_head_, h, s, RowsLinear::blocks(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
+    if (s <= kGemvMaxBatch) gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::blocks(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
     else gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, logits_, s, d_.vocab, h, true, false);
   }
 
-  void sample(const Launch& l, int seqs, int top_n, bool penalties) {
-    SampleOut out{cur_tokens_, cur_logprobs_, lse_, cur_top_ids_, cur_top_lps_};
+  void sample(const Launch& l, int seqs, int top_n) {
+    SampleOut out{cur_tokens_, cur_logprobs_, cur_top_ids_, cur_top_lps_};
     SamplingArgs a{dev_in_.temperature, dev_in_.top_k, dev_in_.top_p, dev_in_.min_p, dev_in_.repetition, dev_in_.frequency, dev_in_.presence,
                    dev_in_.seed, dev_in_.counter, dev_in_.sample, dev_in_.pen_starts, dev_in_.pen_tokens, dev_in_.pen_counts, pen_saved_};
-    launch_logprobs(l, logits_, seqs, d_.vocab, top_n, out);
-    if (penalties) launch_penalties(l, logits_, seqs, d_.vocab, a);
-    launch_sample(l, logits_, probs_, seqs, d_.vocab, a, out);
+    launch_sample(l, logits_, probs_, seqs, d_.vocab, top_n, a, out);
   }
 
   void advance(const Launch& l, int rows, int top_n) {
@@ -457,29 +477,28 @@ template <typename T, int HD> class Runner final : public Model {
   StepOutput decode(const StepInput& in) {
     const int rows = std::min(bucket(in.num_seqs), o_.max_seqs);
     const Shape sh = stage(in, rows);
-    const bool penalties = sh.pen > 0;
     CUDA_CHECK(cudaMemsetAsync(step_idx_, 0, sizeof(int), stream_));
     const Launch l{stream_, o_.pdl};
     if (o_.graphs) {
-      cudaGraphExec_t exec = graph(sh, in.top_n, penalties);
+      cudaGraphExec_t exec = graph(sh, in.top_n);
       for (int k = 0; k < in.steps; k++) CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     } else {
       for (int k = 0; k < in.steps; k++) {
-        forward(sh, in.top_n, penalties);
+        forward(sh, in.top_n);
         advance(l, rows, in.top_n);
       }
     }
     return collect(in, rows, in.steps, out_tokens_, out_logprobs_, out_top_ids_, out_top_lps_);
   }
 
-  cudaGraphExec_t graph(const Shape& sh, int top_n, bool penalties) {
-    const auto k = std::make_tuple(sh.seqs, top_n, penalties);
+  cudaGraphExec_t graph(const Shape& sh, int top_n) {
+    const auto k = std::make_pair(sh.seqs, top_n);
     auto it = graphs_.find(k);
     if (it != graphs_.end()) return it->second;
     cudaGraph_t g = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
-      forward(sh, top_n, penalties);
+      forward(sh, top_n);
       advance(Launch{stream_, o_.pdl}, sh.seqs, top_n);
     } catch (...) {
       cudaStreamEndCapture(stream_, &g);
@@ -499,7 +518,7 @@ template <typename T, int HD> class Runner final : public Model {
   StepOutput general(const StepInput& in) {
     const Shape sh = stage(in, in.num_seqs);
     std::vector<float> last(in.logits == 1 ? (size_t)in.num_seqs * d_.vocab : 0);
-    forward(sh, in.top_n, sh.pen > 0, in.logits == 1 ? last.data() : nullptr);
+    forward(sh, in.top_n, in.logits == 1 ? last.data() : nullptr);
     StepOutput out = collect(in, in.num_seqs, 1, cur_tokens_, cur_logprobs_, cur_top_ids_, cur_top_lps_);
     if (in.logits == 1) out.logits = std::move(last);
     if (in.logits == 2) out.logits = all_logits(sh);
@@ -551,6 +570,7 @@ template <typename T, int HD> class Runner final : public Model {
   RunnerOptions o_;
   Arena arena_;
   Gemm gemm_;
+  Profiler prof_;
   cudaStream_t stream_ = nullptr;
   int table_width_ = 0, max_parts_ = 0, kv_blocks_ = 0;
 
@@ -562,14 +582,14 @@ template <typename T, int HD> class Runner final : public Model {
 
   float* resid_;
   T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_;
-  float *logits_, *probs_, *part_m_, *part_l_, *part_o_, *lse_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
+  float *logits_, *probs_, *part_m_, *part_l_, *part_o_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
   int *counters_, *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;
   int* host_out_i_;
   float* host_out_f_;
   float2* rope_;
   uint32_t *dev_in_base_, *host_in_base_;
   InputRegion dev_in_, host_in_;
-  std::map<std::tuple<int, int, bool>, cudaGraphExec_t> graphs_;
+  std::map<std::pair<int, int>, cudaGraphExec_t> graphs_;
 };
 
 }  // namespace

@@ -31,6 +31,7 @@ struct RunnerOptions {
   int max_seqs = 256;         // per step
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool pdl = true;            // programmatic dependent launch between kernels
+  bool profile = false;       // time every kernel of eager steps (see profiler.h)
 };
 
 // One step's inputs, as the runtime describes them (src/engine/backend.ts), copied off the JS heap.

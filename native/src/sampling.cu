@@ -29,63 +29,6 @@ __device__ inline void block_argmax(float& v, int& id, float* sv, int* si) {
   }
 }
 
-// Raw log-sum-exp, and the top_n most likely tokens (by repeated argmax: top_n is at most 20).
-__global__ void __launch_bounds__(kSampleThreads) logprob_kernel(const float* __restrict__ logits, int vocab, int top_n, SampleOut out) {
-  __shared__ float scratch[32];
-  __shared__ float sv[32];
-  __shared__ int si[32];
-  __shared__ int picked[kMaxTopLogprobs];
-  pdl_launch_dependents();
-  pdl_wait();
-  const float* row = logits + (size_t)blockIdx.x * vocab;
-  float m = -INFINITY;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
-  m = block_max(m, scratch);
-  float s = 0.f;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += __expf(row[i] - m);
-  const float lse = m + __logf(block_sum(s, scratch));
-  if (threadIdx.x == 0) out.lse[blockIdx.x] = lse;
-  for (int n = 0; n < top_n; n++) {
-    float v = -INFINITY;
-    int id = INT_MAX;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-      bool taken = false;
-      for (int j = 0; j < n; j++) taken |= picked[j] == i;
-      if (!taken && (row[i] > v || (row[i] == v && i < id))) { v = row[i]; id = i; }
-    }
-    block_argmax(v, id, sv, si);
-    if (threadIdx.x == 0) {
-      picked[n] = id;
-      out.top_ids[blockIdx.x * top_n + n] = id;
-      out.top_lps[blockIdx.x * top_n + n] = v - lse;
-    }
-    __syncthreads();
-  }
-}
-
-// Penalties, in place on the logits row; the raw values are kept for the sampled token's log-prob.
-__global__ void penalty_kernel(float* __restrict__ logits, int vocab, SamplingArgs a) {
-  pdl_launch_dependents();
-  pdl_wait();
-  const int s = blockIdx.x;
-  const float rep = a.repetition[s], freq = a.frequency[s], pres = a.presence[s];
-  float* row = logits + (size_t)s * vocab;
-  for (int e = a.pen_starts[s] + threadIdx.x; e < a.pen_starts[s + 1]; e += blockDim.x) {
-    const int tok = a.pen_tokens[e], count = a.pen_counts[e];
-    float l = row[tok];
-    a.pen_saved[e] = l;
-    l = l > 0.f ? l / rep : l * rep;
-    if (count > 0) l -= count * freq + pres;
-    row[tok] = l;
-  }
-}
-
-__device__ inline float raw_logit(const float* row, int tok, int s, const SamplingArgs& a) {
-  for (int e = a.pen_starts[s]; e < a.pen_starts[s + 1]; e++)
-    if (a.pen_tokens[e] == tok) return a.pen_saved[e];
-  return row[tok];
-}
-
 // Largest threshold t (as float bits; probabilities are non-negative, so bit order is value order) with
 // f(t) >= goal, where f is non-increasing: a sum or count over the entries >= t.
 template <class F> __device__ uint32_t bisect_threshold(F f, float goal) {
@@ -99,13 +42,14 @@ template <class F> __device__ uint32_t bisect_threshold(F f, float goal) {
 }
 
 __global__ void __launch_bounds__(kSampleThreads)
-    sample_kernel(const float* __restrict__ logits, float* __restrict__ probs, int vocab, SamplingArgs a, SampleOut out) {
+    sample_kernel(float* __restrict__ logits, float* __restrict__ probs, int vocab, int top_n, SamplingArgs a, SampleOut out) {
   using Scan = cub::BlockScan<float, kSampleThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ float scratch[32];
   __shared__ float sv[32];
   __shared__ int si[32];
   __shared__ int chosen;
+  __shared__ int picked[kMaxTopLogprobs];
   pdl_launch_dependents();
   pdl_wait();
   const int s = blockIdx.x;
@@ -113,12 +57,64 @@ __global__ void __launch_bounds__(kSampleThreads)
     if (threadIdx.x == 0) { out.tokens[s] = -1; out.logprobs[s] = 0.f; }
     return;
   }
-  const float* row = logits + (size_t)s * vocab;
-  float best = -INFINITY;
+  float* row = logits + (size_t)s * vocab;
+
+  // One pass over the raw logits: the maximum (first on ties), and the sum of exponentials online.
+  float best = -INFINITY, sum = 0.f;
   int best_id = INT_MAX;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-    if (row[i] > best) { best = row[i]; best_id = i; }  // increasing i: the first maximum per thread
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = row[i];
+    if (v > best) {
+      sum = sum * __expf(best - v) + 1.f;
+      best = v;
+      best_id = i;
+    } else {
+      sum += __expf(v - best);
+    }
+  }
+  const float m = best;
   block_argmax(best, best_id, sv, si);
+  const float lse = best + __logf(block_sum(m == -INFINITY ? 0.f : sum * __expf(m - best), scratch));
+
+  for (int n = 0; n < top_n; n++) {  // the alternatives, by repeated argmax (top_n <= 20)
+    float v = -INFINITY;
+    int id = INT_MAX;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      bool taken = false;
+      for (int j = 0; j < n; j++) taken |= picked[j] == i;
+      if (!taken && (row[i] > v || (row[i] == v && i < id))) { v = row[i]; id = i; }
+    }
+    block_argmax(v, id, sv, si);
+    if (threadIdx.x == 0) {
+      picked[n] = id;
+      out.top_ids[s * top_n + n] = id;
+      out.top_lps[s * top_n + n] = v - lse;
+    }
+    __syncthreads();
+  }
+
+  // Penalties, in place; they move the pick, not the reported log-probs.
+  const int pen0 = a.pen_starts[s], pen1 = a.pen_starts[s + 1];
+  if (pen1 > pen0) {
+    const float rep = a.repetition[s], freq = a.frequency[s], pres = a.presence[s];
+    __syncthreads();  // every thread is done reading the raw row
+    for (int e = pen0 + threadIdx.x; e < pen1; e += blockDim.x) {
+      const int tok = a.pen_tokens[e], count = a.pen_counts[e];
+      float l = row[tok];
+      a.pen_saved[e] = l;
+      l = l > 0.f ? l / rep : l * rep;
+      if (count > 0) l -= count * freq + pres;
+      row[tok] = l;
+    }
+    __syncthreads();
+  }
+  if (pen1 > pen0) {
+    best = -INFINITY;
+    best_id = INT_MAX;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+      if (row[i] > best) { best = row[i]; best_id = i; }
+    block_argmax(best, best_id, sv, si);
+  }
 
   const float temp = a.temperature[s];
   if (temp > 0.f) {
@@ -139,9 +135,9 @@ __global__ void __launch_bounds__(kSampleThreads)
       return block_sum(c, scratch);
     };
     auto mass_ge = [&](uint32_t t) {
-      float m = 0.f;
-      for (int i = threadIdx.x; i < vocab; i += blockDim.x) m += __float_as_uint(p[i]) >= t ? p[i] : 0.f;
-      return block_sum(m, scratch);
+      float mass = 0.f;
+      for (int i = threadIdx.x; i < vocab; i += blockDim.x) mass += __float_as_uint(p[i]) >= t ? p[i] : 0.f;
+      return block_sum(mass, scratch);
     };
     uint32_t t = 0;
     const int k = a.top_k[s];
@@ -179,32 +175,24 @@ __global__ void __launch_bounds__(kSampleThreads)
       }
     }
     // Rounding can leave the target past every running sum: then the last kept token wins.
-    float lk = (float)last_kept;
-    lk = block_max(lk, scratch);
+    const float lk = block_max((float)last_kept, scratch);
     __syncthreads();
-    if (threadIdx.x == 0) best_id = chosen != INT_MAX ? chosen : (int)lk;
-    if (threadIdx.x == 0) chosen = best_id;
-    __syncthreads();
-    best_id = chosen;
+    best_id = chosen != INT_MAX ? chosen : (int)lk;
   }
   if (threadIdx.x == 0) {
+    // The sampled token's raw logit: a penalised token's was saved before the penalty changed it.
+    float raw = row[best_id];
+    for (int e = pen0; e < pen1; e++)
+      if (a.pen_tokens[e] == best_id) raw = a.pen_saved[e];
     out.tokens[s] = best_id;
-    out.logprobs[s] = raw_logit(row, best_id, s, a) - out.lse[s];
+    out.logprobs[s] = raw - lse;
   }
 }
 
 }  // namespace
 
-void launch_logprobs(const Launch& l, const float* logits, int seqs, int vocab, int top_n, const SampleOut& out) {
-  launch(l, logprob_kernel, dim3(seqs), dim3(kSampleThreads), 0, logits, vocab, top_n, out);
-}
-
-void launch_penalties(const Launch& l, float* logits, int seqs, int vocab, const SamplingArgs& a) {
-  launch(l, penalty_kernel, dim3(seqs), dim3(256), 0, logits, vocab, a);
-}
-
-void launch_sample(const Launch& l, const float* logits, float* probs, int seqs, int vocab, const SamplingArgs& a, const SampleOut& out) {
-  launch(l, sample_kernel, dim3(seqs), dim3(kSampleThreads), 0, logits, probs, vocab, a, out);
+void launch_sample(const Launch& l, float* logits, float* probs, int seqs, int vocab, int top_n, const SamplingArgs& a, const SampleOut& out) {
+  launch(l, sample_kernel, dim3(seqs), dim3(kSampleThreads), 0, logits, probs, vocab, top_n, a, out);
 }
 
 }  // namespace decima

@@ -25,13 +25,12 @@ struct SamplingArgs {
   const int* pen_starts;     // [seq + 1]: distinct history tokens per sequence
   const int* pen_tokens;
   const int* pen_counts;     // occurrences among the generated tokens
-  float* pen_saved;          // raw logits of penalised tokens
+  float* pen_saved;          // the raw logits of the penalised tokens
 };
 
 struct SampleOut {
   int* tokens;
   float* logprobs;
-  float* lse;       // log-sum-exp of the raw logits, per row
   int* top_ids;     // [seq][top_n]
   float* top_lps;
 };
@@ -49,11 +48,9 @@ __host__ __device__ inline float uniform_draw(uint32_t seed, uint32_t counter) {
   return (float)(fmix32(seed ^ fmix32(counter ^ 0x9e3779b9u)) >> 8) * (1.0f / 16777216.0f);
 }
 
-// Raw log-sum-exp per row, and the top_n most likely tokens (top_n <= kMaxTopLogprobs).
-void launch_logprobs(const Launch& l, const float* logits, int seqs, int vocab, int top_n, const SampleOut& out);
-// Penalties applied in place (raw values kept in a.pen_saved).
-void launch_penalties(const Launch& l, float* logits, int seqs, int vocab, const SamplingArgs& a);
-// The sampled token and its raw log-prob per row; `probs` is scratch of seqs x vocab floats.
-void launch_sample(const Launch& l, const float* logits, float* probs, int seqs, int vocab, const SamplingArgs& a, const SampleOut& out);
+// One block per row: the raw log-sum-exp and top_n alternatives, the penalties (in place: `logits` is the
+// step's scratch, already copied out where raw logits were asked for), then the greedy pick or the
+// threshold sampling. `probs` is scratch of seqs x vocab floats.
+void launch_sample(const Launch& l, float* logits, float* probs, int seqs, int vocab, int top_n, const SamplingArgs& a, const SampleOut& out);
 
 }  // namespace decima

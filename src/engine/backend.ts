@@ -13,8 +13,13 @@ export interface Backend {
   readonly kv: KvCacheShape;
   /** A human-readable description for logs and benchmarks ("cpu fp32", "cuda bfloat16 on NVIDIA H100"). */
   readonly description: string;
+  /** Bytes of weights a decode step reads (for the benchmark's bandwidth floor). */
+  readonly weightBytes: number;
   /** Most decode steps one call may run back to back (StepBatch.steps). */
   readonly maxSteps: number;
+  /** Most new tokens, and most sequences, one step may carry (the device's workspace is sized for them). */
+  readonly maxBatchTokens: number;
+  readonly maxBatchSeqs: number;
   step(batch: StepBatch): Promise<StepResult>;
   close(): Promise<void>;
 }

@@ -15,6 +15,7 @@ export interface BackendOptions {
   blockSize?: number;
   kvMemoryFraction?: number;
   maxBatchTokens?: number;
+  maxBatchSeqs?: number;
 }
 
 /** `auto` means CUDA where a GPU and the native addon are there, else the CPU. */

@@ -66,6 +66,8 @@ export interface CreateModelOptions {
   dtype?: FloatDType;
   /** Weights larger than this are split into shards (default 2 GB, as Hugging Face counts: 10^9). */
   shardBytes?: number;
+  /** Called as the weights are written: bytes so far, of `totalBytes`. */
+  onProgress?: (bytes: number, totalBytes: number) => void;
 }
 
 const TRANSFORMERS_VERSION = "4.31.0"; // what DeciCoder-1b's own config.json says
@@ -88,7 +90,7 @@ export async function createModel(options: CreateModelOptions): Promise<{ dir: s
     await writeJson(join(tmp, "generation_config.json"), generationConfigJson());
     await writeJson(join(tmp, "tokenizer.json"), tokenizerJson);
     await writeJson(join(tmp, "tokenizer_config.json"), tokenizerConfig);
-    await writeWeights(tmp, config, seed, dtype, shardBytes);
+    await writeWeights(tmp, config, seed, dtype, shardBytes, options.onProgress);
   });
   return { dir: out, config };
 }
@@ -173,13 +175,24 @@ async function writeJson(file: string, value: unknown): Promise<void> {
  * memory, and fresh memory is slow to fill), as model.safetensors or as Hugging Face-style shards with an
  * index.
  */
-async function writeWeights(dir: string, config: ModelConfig, seed: number, dtype: FloatDType, shardBytes: number) {
+async function writeWeights(
+  dir: string,
+  config: ModelConfig,
+  seed: number,
+  dtype: FloatDType,
+  shardBytes: number,
+  onProgress?: (bytes: number, totalBytes: number) => void,
+) {
   const scratch = new Float32Array(1 << 20);
+  let written = 0;
   const pieces = function* (t: TensorDraw): Generator<Uint8Array> {
     for (let left = t.shape.reduce((a, b) => a * b, 1); left > 0; left -= scratch.length) {
       const piece = scratch.subarray(0, Math.min(left, scratch.length));
       t.draw(piece);
-      yield fromFloat32(piece, dtype);
+      const bytes = fromFloat32(piece, dtype);
+      yield bytes;
+      written += bytes.byteLength;
+      onProgress?.(written, totalSize);
     }
   };
   // The writer asks for tensors in the order listed, which is the order randomDraws needs.
@@ -189,6 +202,7 @@ async function writeWeights(dir: string, config: ModelConfig, seed: number, dtyp
     shape: t.shape,
     data: () => pieces(t),
   }));
+  const totalSize = tensors.reduce((sum, t) => sum + tensorBytes(t), 0);
   // transformers' own metadata; its loader refuses safetensors files without it.
   const metadata = { format: "pt" };
   const shards = splitIntoShards(tensors, shardBytes);
@@ -203,7 +217,6 @@ async function writeWeights(dir: string, config: ModelConfig, seed: number, dtyp
     await writeSafetensors(join(dir, file), shard, metadata);
     for (const t of shard) weightMap[t.name] = file;
   }
-  const totalSize = tensors.reduce((sum, t) => sum + tensorBytes(t), 0);
   await writeJson(join(dir, SAFETENSORS_INDEX), { metadata: { total_size: totalSize }, weight_map: weightMap });
 }
 

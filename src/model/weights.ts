@@ -111,3 +111,18 @@ export function expectedShapes(config: ModelConfig): Map<string, number[]> {
   });
   return shapes;
 }
+
+/**
+ * Bytes of weights one decode step reads as stored here: every layer's norms and matrices (quantization
+ * scales included), the final norm and the LM head. The embedding table is only gathered from (one row per
+ * token), so it counts only where it doubles as the LM head.
+ */
+export function stepWeightBytes(w: ModelWeights): number {
+  const linear = (m: LinearWeight) => m.data.byteLength + (m.format === "dense" ? 0 : m.scales.byteLength);
+  let bytes = w.norm.data.byteLength + linear(w.lmHead);
+  for (const l of w.layers) {
+    bytes += l.inputNorm.data.byteLength + l.postNorm.data.byteLength;
+    bytes += linear(l.qkv) + linear(l.o) + linear(l.gateUp) + linear(l.down);
+  }
+  return bytes;
+}

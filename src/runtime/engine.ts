@@ -130,6 +130,7 @@ export class Engine {
     const backend = await createBackend(weights, {
       device,
       maxBatchTokens: opts.maxBatchTokens,
+      maxBatchSeqs: opts.maxBatchSeqs,
       numBlocks: opts.numBlocks,
       blockSize: opts.blockSize,
       kvMemoryFraction: opts.kvMemoryFraction,
@@ -146,7 +147,7 @@ export class Engine {
     this.backend = parts.backend;
     this.tokenizer = parts.tokenizer;
     this.modelId = parts.modelId;
-    this.scheduler = new Scheduler(parts.backend.config, parts.backend.kv, parts);
+    this.scheduler = new Scheduler(parts.backend.config, parts.backend.kv, parts, parts.backend);
     const eos = parts.tokenizer.eosTokenId;
     this.eosIds = [...new Set([...this.config.eosTokenIds, ...(eos === null ? [] : [eos])])];
     // The loop catches a step's failure itself; anything else is a bug, which closes the engine rather
@@ -163,6 +164,11 @@ export class Engine {
 
   get device(): "cpu" | "cuda" {
     return this.backend.device;
+  }
+
+  /** What runs the model ("cuda bfloat16 on NVIDIA H100 80GB HBM3"), and the weight bytes a decode step reads. */
+  get backendInfo(): { description: string; weightBytes: number } {
+    return { description: this.backend.description, weightBytes: this.backend.weightBytes };
   }
 
   /**
@@ -291,6 +297,7 @@ export class Engine {
 
   private apply(step: ScheduledStep, result: StepResult): void {
     const { queryStarts, sample } = step.batch;
+    const steps = step.batch.steps ?? 1;
     // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
     step.seqs.forEach((seq, i) => {
       if (!seq.inPrefill) return;
@@ -299,26 +306,32 @@ export class Engine {
       }
       if (seq.computed + step.queryLens[i] === seq.promptLen) this.promptTokensTotal += seq.promptLen;
     });
-    this.scheduler.commit(step);
+    const n = step.seqs.length;
     step.seqs.forEach((seq, i) => {
-      if (seq.cancelled) return; // ended at the top of the next loop
-      if (sample[i]) this.takeToken(seq, result, i, step.batch.sampling.topLogprobs);
-      else if (seq.kind === "logits" && !seq.inPrefill) this.end(seq, "length");
+      // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
+      // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped.
+      for (let k = 0; k < steps && seq.finishReason === null; k++) {
+        this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);
+        if (seq.cancelled) return; // ended at the top of the next loop
+        if (sample[i]) this.takeToken(seq, result, k * n + i, step.batch.sampling.topLogprobs);
+        else if (seq.kind === "logits" && !seq.inPrefill) this.end(seq, "length");
+      }
     });
   }
 
-  private takeToken(seq: Sequence, result: StepResult, i: number, width: number): void {
-    const id = result.tokens[i];
+  /** Result entry `at` (step-major: step k of sequence i is k * numSeqs + i) becomes the sequence's next token. */
+  private takeToken(seq: Sequence, result: StepResult, at: number, width: number): void {
+    const id = result.tokens[at];
     seq.times.firstToken ??= performance.now();
     const text = seq.accept(id);
     if (text !== null) {
       this.generatedTokensTotal++;
-      const event: TokenEvent = { type: "token", id, text, logprob: result.logprobs[i] };
+      const event: TokenEvent = { type: "token", id, text, logprob: result.logprobs[at] };
       const k = seq.params.logprobs;
       if (k !== null) {
         event.top = Array.from({ length: k }, (_, j) => ({
-          id: result.topTokens[i * width + j],
-          logprob: result.topLogprobs[i * width + j],
+          id: result.topTokens[at * width + j],
+          logprob: result.topLogprobs[at * width + j],
         }));
       }
       this.requests.get(seq)!.events.push(event);

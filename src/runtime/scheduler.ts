@@ -8,6 +8,13 @@ import type { Sequence } from "./sequence.js";
 export interface SchedulerOptions {
   /** The most new tokens in one step, decodes and prefill chunks together (default 2048). */
   maxBatchTokens?: number;
+  /** The most sequences in one step (default 256). */
+  maxBatchSeqs?: number;
+  /**
+   * Decode steps one backend call may run when every running sequence is decoding and nobody waits
+   * (default 16, capped by the backend): fewer round trips to the host, tokens streamed in small bursts.
+   */
+  decodeSteps?: number;
   /** The most requests waiting for admission; past it new ones are refused at once (default 256). */
   maxWaiting?: number;
   /** Reuse the KV blocks of earlier prompts' common prefixes (default true). */
@@ -36,15 +43,21 @@ export class Scheduler {
   private readonly waiting: Sequence[] = [];
   private readonly running: Sequence[] = [];
   private readonly maxBatchTokens: number;
+  private readonly maxBatchSeqs: number;
   private readonly maxWaiting: number;
+  private readonly decodeSteps: number;
 
+  /** `limits`: what the backend can take in one call (Backend's maxBatchTokens, maxBatchSeqs, maxSteps). */
   constructor(
     private readonly config: ModelConfig,
     kv: KvCacheShape,
     opts: SchedulerOptions = {},
+    limits: { maxBatchTokens: number; maxBatchSeqs: number; maxSteps: number } = { maxBatchTokens: Infinity, maxBatchSeqs: Infinity, maxSteps: 1 },
   ) {
-    this.maxBatchTokens = positiveInt("maxBatchTokens", opts.maxBatchTokens ?? 2048);
+    this.maxBatchTokens = Math.min(positiveInt("maxBatchTokens", opts.maxBatchTokens ?? 2048), limits.maxBatchTokens);
+    this.maxBatchSeqs = Math.min(positiveInt("maxBatchSeqs", opts.maxBatchSeqs ?? 256), limits.maxBatchSeqs);
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
+    this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }
 
@@ -98,22 +111,41 @@ export class Scheduler {
     for (const seq of this.running) if (!seq.inPrefill && budget > 0) add(seq, 1);
     for (const seq of this.running) if (seq.inPrefill && budget > 0) prefill(seq);
     // A step must hold a decode token of every running sequence: that caps how many run at once.
-    while (budget > 0 && this.waiting.length > 0 && this.running.length < this.maxBatchTokens) {
+    const maxRunning = Math.min(this.maxBatchTokens, this.maxBatchSeqs);
+    while (budget > 0 && this.waiting.length > 0 && this.running.length < maxRunning) {
       const seq = this.waiting[0];
       if (!this.admit(seq)) break; // the oldest goes first, even if a younger one would fit
       this.waiting.shift();
       this.running.push(seq);
       prefill(seq);
     }
-    return seqs.length === 0 ? null : { batch: this.buildBatch(seqs, queryLens), seqs, queryLens };
+    if (seqs.length === 0) return null;
+    const steps = this.stepsFor(seqs, queryLens);
+    return { batch: this.buildBatch(seqs, queryLens, steps), seqs, queryLens };
   }
 
-  /** After the backend ran `step`: its new tokens' K/V are in the cache; full blocks join the prefix cache. */
-  commit(step: ScheduledStep): void {
-    step.seqs.forEach((seq, i) => {
-      seq.computed += step.queryLens[i];
-      this.blocks.commit(seq.blocks!, seq.tokens, seq.computed);
-    });
+  /**
+   * Several decode steps in one call when nothing else is pending: every sequence decodes, none needs the
+   * host between tokens (penalties read the growing history), nobody waits for admission, and no sequence
+   * runs past its token budget or reserved cache within them.
+   */
+  private stepsFor(seqs: Sequence[], queryLens: number[]): number {
+    if (this.decodeSteps === 1 || this.waiting.length > 0) return 1;
+    let steps = this.decodeSteps;
+    for (const [i, seq] of seqs.entries()) {
+      if (queryLens[i] !== 1 || seq.inPrefill || usesPenalties(seq.params) || seq.needsPromptLogits) return 1;
+      steps = Math.min(steps, seq.params.maxTokens - seq.generated, this.cacheTokens(seq) - seq.computed);
+    }
+    return Math.max(1, steps);
+  }
+
+  /**
+   * After the backend ran a step: `n` more of the sequence's tokens have their K/V in the cache (a prefill
+   * chunk, or one per decode step); full blocks join the prefix cache.
+   */
+  commit(seq: Sequence, n: number): void {
+    seq.computed += n;
+    this.blocks.commit(seq.blocks!, seq.tokens, seq.computed);
   }
 
   /**
@@ -134,7 +166,7 @@ export class Scheduler {
     return true;
   }
 
-  private buildBatch(seqs: Sequence[], queryLens: number[]): StepBatch {
+  private buildBatch(seqs: Sequence[], queryLens: number[], steps: number): StepBatch {
     const numSeqs = seqs.length;
     const queryStarts = new Int32Array(numSeqs + 1);
     const contextLens = new Int32Array(numSeqs);
@@ -143,17 +175,18 @@ export class Scheduler {
       queryStarts[i + 1] = queryStarts[i] + queryLens[i];
       contextLens[i] = seq.computed + queryLens[i];
       sample[i] = seq.samplesAt(contextLens[i]) ? 1 : 0;
-      this.blocks.grow(seq.blocks!, contextLens[i]);
+      this.blocks.grow(seq.blocks!, contextLens[i] + steps - 1);
     });
 
     const tokens = new Int32Array(queryStarts[numSeqs]);
     seqs.forEach((seq, i) => tokens.set(seq.tokens.slice(seq.computed, contextLens[i]), queryStarts[i]));
 
-    // One width for the batch; the unused tail of a shorter row is never read.
-    const blockTableWidth = Math.max(...contextLens.map((len) => this.blocks.blocksFor(len)));
+    // One width for the batch, covering every position the steps write; a shorter row's tail is never read.
+    const blocksFor = (len: number) => this.blocks.blocksFor(len + steps - 1);
+    const blockTableWidth = Math.max(...contextLens.map(blocksFor));
     const blockTables = new Int32Array(numSeqs * blockTableWidth);
     seqs.forEach((seq, i) => {
-      blockTables.set(seq.blocks!.table.slice(0, this.blocks.blocksFor(contextLens[i])), i * blockTableWidth);
+      blockTables.set(seq.blocks!.table.slice(0, blocksFor(contextLens[i])), i * blockTableWidth);
     });
 
     const allLogits = seqs.some((seq) => seq.inPrefill && seq.needsPromptLogits);
@@ -166,6 +199,7 @@ export class Scheduler {
       sample,
       sampling: samplingBatch(seqs, sample),
       returnLogits: allLogits ? "all" : "none",
+      steps,
     };
   }
 }

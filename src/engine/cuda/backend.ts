@@ -1,6 +1,6 @@
 import { DecimaError, fail } from "../../errors.js";
 import type { ModelConfig } from "../../model/config.js";
-import type { ModelWeights } from "../../model/weights.js";
+import { type ModelWeights, stepWeightBytes } from "../../model/weights.js";
 import type { Backend, KvCacheShape, SamplingBatch, StepBatch, StepResult } from "../backend.js";
 import { validateBatch } from "../validate-batch.js";
 import { type NativeAddon, type NativeModel, type NativeStep, cudaDevice } from "./native.js";
@@ -36,6 +36,7 @@ export class CudaBackend implements Backend {
 
   private constructor(
     readonly config: ModelConfig,
+    readonly weightBytes: number,
     private model: NativeModel | null,
     blockSize: number,
     limits: { tokens: number; seqs: number },
@@ -71,6 +72,7 @@ export class CudaBackend implements Backend {
         maxSeqs: limits.seqs,
         graphs: opts.graphs ?? process.env.DECIMA_CUDA_GRAPHS !== "0",
         pdl: opts.pdl ?? process.env.DECIMA_PDL !== "0",
+        profile: process.env.DECIMA_PROFILE === "1",
       }),
     );
     try {
@@ -79,7 +81,7 @@ export class CudaBackend implements Backend {
       model.close();
       throw err;
     }
-    return new CudaBackend(c, model, blockSize, limits);
+    return new CudaBackend(c, stepWeightBytes(weights), model, blockSize, limits);
   }
 
   async step(batch: StepBatch): Promise<StepResult> {

@@ -40,6 +40,8 @@ export interface NativeModelOptions {
   maxSeqs: number;
   graphs: boolean;
   pdl: boolean;
+  /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
+  profile: boolean;
 }
 
 export interface NativeStep {

@@ -1,0 +1,125 @@
+import type { FastifyReply, FastifyRequest } from "fastify";
+import type { DoneEvent } from "../runtime/engine.js";
+import { fimPromptIds } from "../tokenizer/fim.js";
+import type { Tokenizer } from "../tokenizer/tokenizer.js";
+import type { RouteContext } from "./app.js";
+import { type ChoiceEvent, collectChoices, startChoices } from "./choices.js";
+import { type InfillBody, infillSchema, parseBody } from "./requests.js";
+import { sendEvents } from "./sse.js";
+
+/**
+ * POST /infill in llama.cpp's form, which editor plugins (llama.vim, llama.vscode) speak: fill in the
+ * middle between input_prefix and input_suffix. The reply carries the fields of llama.cpp's that clients
+ * read; a stream sends `{"content", "stop": false}` events and ends with the full result (its content
+ * empty, as llama.cpp's), without OpenAI's [DONE].
+ */
+export async function infill(ctx: RouteContext, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+  const body = parseBody(infillSchema, request.body);
+  const { tokenizer, config } = ctx.engine;
+  const prompt = infillPromptIds(tokenizer, body);
+  const maxTokens = body.n_predict > 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
+  const generate = {
+    prompt,
+    maxTokens,
+    temperature: body.temperature,
+    topK: Math.max(0, body.top_k),
+    topP: body.top_p,
+    minP: body.min_p,
+    repetitionPenalty: body.repeat_penalty,
+    presencePenalty: body.presence_penalty,
+    frequencyPenalty: body.frequency_penalty,
+    seed: body.seed === -1 ? undefined : body.seed,
+    stop: body.stop,
+  };
+  const events = await startChoices(ctx.choicesContext(request, reply), [generate]);
+  if (body.stream) {
+    return sendEvents(reply, infillEvents(ctx, body, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
+  }
+  const [{ done }] = await collectChoices(events, 1);
+  return infillResult(ctx, body, done, done.text);
+}
+
+/**
+ * Other files' text (input_extra) first, each after StarCoder's <filename> token where the tokenizer has
+ * one (else llama.cpp's plain-text separator), then the FIM prompt. `prompt` continues the prefix.
+ */
+function infillPromptIds(tokenizer: Tokenizer, body: InfillBody): number[] {
+  const text = (s: string) => tokenizer.encode(s, { addSpecialTokens: false });
+  const fileToken = tokenizer.tokenToId("<filename>");
+  const extra = body.input_extra.flatMap((chunk) =>
+    fileToken === null ? text(`\n\n--- snippet ---\n\n${chunk.text}`) : [fileToken, ...text(`${chunk.filename}\n${chunk.text}`)],
+  );
+  return [...extra, ...fimPromptIds(tokenizer, body.input_prefix + body.prompt, body.input_suffix)];
+}
+
+async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: number, events: AsyncIterable<ChoiceEvent>): AsyncGenerator<object> {
+  let predicted = 0;
+  for await (const { event } of events) {
+    if (event.type === "done") {
+      yield infillResult(ctx, body, event, "");
+    } else {
+      if (event.type === "token") predicted++;
+      if (event.text) yield { content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens };
+    }
+  }
+}
+
+function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, content: string): object {
+  const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop);
+  const t = done.timings;
+  const promptN = done.promptTokens.length - done.cachedPromptTokens;
+  const promptMs = t.timeToFirstTokenMs - t.queuedMs;
+  const predictedN = done.tokens.length;
+  return {
+    content,
+    stop: true,
+    model: ctx.modelName,
+    tokens_predicted: predictedN,
+    tokens_evaluated: done.promptTokens.length,
+    tokens_cached: done.cachedPromptTokens,
+    truncated: false,
+    stop_type: stopType,
+    stopped_eos: stopType === "eos",
+    stopped_limit: stopType === "limit",
+    stopped_word: stopType === "word",
+    stopping_word: word,
+    generation_settings: {
+      n_predict: body.n_predict,
+      temperature: body.temperature,
+      top_k: body.top_k,
+      top_p: body.top_p,
+      min_p: body.min_p,
+      repeat_penalty: body.repeat_penalty,
+      presence_penalty: body.presence_penalty,
+      frequency_penalty: body.frequency_penalty,
+      seed: body.seed,
+      stop: body.stop,
+    },
+    timings: {
+      prompt_n: promptN,
+      prompt_ms: promptMs,
+      prompt_per_token_ms: promptN > 0 ? promptMs / promptN : 0,
+      prompt_per_second: promptMs > 0 ? (promptN * 1000) / promptMs : 0,
+      predicted_n: predictedN,
+      predicted_ms: t.decodeMs,
+      predicted_per_token_ms: predictedN > 1 ? t.decodeMs / (predictedN - 1) : 0,
+      predicted_per_second: t.tokensPerSecond,
+    },
+  };
+}
+
+/**
+ * llama.cpp's stop type. The engine says "stop" for an end-of-sequence token and for a stop string alike;
+ * a stop string is the one case where the generated tokens' text holds one (the reply's text ends before it).
+ */
+function stopOf(tokenizer: Tokenizer, done: DoneEvent, stops: string[]): { stopType: string; word: string } {
+  if (done.finishReason === "length") return { stopType: "limit", word: "" };
+  if (done.finishReason !== "stop") return { stopType: "none", word: "" };
+  const text = tokenizer.decode(done.tokens, { skipSpecialTokens: true });
+  let first: { at: number; word: string } | null = null;
+  for (const word of stops) {
+    const at = text.indexOf(word);
+    if (at >= 0 && (first === null || at < first.at)) first = { at, word };
+  }
+  return first ? { stopType: "word", word: first.word } : { stopType: "eos", word: "" };
+}

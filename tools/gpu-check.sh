@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Everything decima checks on the GPU machine, in one call of the device tool (few, full calls):
+#   tools/gpu-check.sh [tests] [parity] [bench] [anchors] [fixtures]
+# It expects the build from this machine carried along: dist/, build/native/decima.node, .device/ (node),
+# .carry/node_modules (production dependencies). Logs and results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source .device/env.sh
+[ -e node_modules ] || ln -s .carry/node_modules node_modules
+OUT=${OUT:-/tmp/decima-out}
+mkdir -p "$OUT"
+sections=${*:-tests parity bench anchors}
+cli="node dist/src/cli/main.js"
+model=/tmp/decicoder-1b
+has() { [[ " $sections " == *" $1 "* ]]; }
+step() { echo; echo "== $* ($(date +%T))"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+
+if has tests; then
+  step "GPU tests"
+  node --test --test-reporter=spec dist/test/cuda-kernels.test.js dist/test/cuda-backend.test.js 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^\s*(✔|✖|ℹ)|Error|error" | head -80
+fi
+
+if has parity || has bench || has anchors || has profile; then
+  step "create a decicoder-1b-shaped model"
+  [ -d $model ] || /usr/bin/time -f "%e s, %M KB" $cli create-model --preset decicoder-1b --out $model
+fi
+
+if has fixtures; then
+  step "Hugging Face golden fixtures for the tiny presets"
+  for p in tiny decilm-tiny; do
+    $cli create-model --preset $p --out /tmp/$p --seed 0 > /dev/null
+    python3 tools/hf_reference.py --model /tmp/$p --prompt-len 32 --gen 32 --tokens-seed 1 --out "$OUT/hf-$p.json"
+  done
+  python3 tools/hf_reference.py --model /tmp/tiny --check-reference
+  python3 tools/hf_tokenizer_golden.py /tmp/tiny test/fixtures/tokenizer-cases.json "$OUT/tokenizer-golden.json"
+fi
+
+if has parity; then
+  step "logits against Hugging Face (decicoder-1b shape, 64 positions)"
+  for dt in bfloat16 float16; do
+    python3 tools/hf_reference.py --model $model --prompt-len 64 --gen 0 --dtype float32 --compare-decima $dt 2>&1 | grep -v Warning
+  done
+  python3 tools/hf_reference.py --model $model --prompt-len 64 --gen 0 --dtype bfloat16 --compare-decima bfloat16 2>&1 | grep -v Warning
+fi
+
+if has bench; then
+  step "decima bench"
+  $cli bench --model $model --device cuda --batch 1,8,32 --prompt-len 128 --gen-len 256 | tee "$OUT/bench-decode.txt"
+  $cli bench --model $model --device cuda --batch 1 --prompt-len 1024 --gen-len 1 --repeat 5 | tee "$OUT/bench-prefill.txt"
+  step "decima generate, 100 new tokens after a short prompt"
+  for i in 1 2; do
+    /usr/bin/time -f "wall %e s" $cli generate --model $model --device cuda --prompt "def fib(n):" --max-tokens 100 --ignore-eos --json \
+      | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);console.log(JSON.stringify({tokens:j.tokens.length,timings:j.timings}))})'
+  done
+fi
+
+if has profile; then
+  step "per-kernel profile (eager launches, events between kernels)"
+  for b in 1 8 32; do
+    DECIMA_PROFILE=1 $cli bench --model $model --device cuda --batch $b --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -25
+  done
+fi
+
+if has anchors; then
+  step "anchors: transformers eager"
+  python3 bench/torch_anchors.py --model $model --batch 1 32 --prompt-len 128 --gen-len 256 2>&1 | grep -v Warning | tee "$OUT/anchors.jsonl"
+fi
