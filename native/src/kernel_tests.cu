@@ -66,7 +66,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y((size_t)batch * rows * sizeof(T));
         EpiStore<T> e{};
         e.rows = rows; e.out = y.as<T>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -74,7 +74,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y(c.buf("resid_out"));
         EpiResidual e{};
         e.rows = rows; e.resid = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -82,7 +82,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         Dev y((size_t)batch * rows * 4);
         EpiLogits e{};
         e.rows = rows; e.out = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::blocks(rows), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
         out["y"] = y.read();
         break;
       }
@@ -90,7 +90,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
         const int inter = rows / 2;
         Dev y((size_t)batch * inter * sizeof(T));
         EpiSiluMul<T> e{inter, y.as<T>(), inter};
-        gemv(kEager, w.as<T>(), rows, cols, batch, EpiSiluMul<T>::blocks(inter), pro, e);
+        gemv(kEager, w.as<T>(), rows, cols, batch, EpiSiluMul<T>::tiles(inter), pro, e);
         out["y"] = y.read();
       }
     }
@@ -119,7 +119,7 @@ template <typename T, int HD> BufferMap qkv_test(const Ctx& c) {
   const ProRmsNorm<T> pro{x.as<float>(), hidden, gain.as<T>(), c.f("eps")};
   if (c.i("fused")) {
     EpiQkvRope<T> e{HD, heads, kv, bs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), ra};
-    gemv(kEager, w.as<T>(), rows, hidden, n, EpiQkvRope<T>::blocks(HD, heads, kv), pro, e);
+    gemv(kEager, w.as<T>(), rows, hidden, n, EpiQkvRope<T>::tiles(HD, heads, kv), pro, e);
   } else {
     Dev xn((size_t)n * hidden * sizeof(T)), qkv((size_t)n * rows * sizeof(T));
     launch(kEager, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)x.as<float>(), (const int*)nullptr, (const T*)gain.as<T>(), xn.as<T>(),

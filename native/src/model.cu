@@ -369,7 +369,7 @@ template <typename T, int HD> class Runner final : public Model {
       const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
       if (small) {
         EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
-        gemv(l, (const T*)w.qkv, rows_qkv, h, n, EpiQkvRope<T>::blocks(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps},
+        gemv(l, (const T*)w.qkv, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps},
              epi);
         prof_.mark(stream_, "gemv qkv+rope");
       } else {
@@ -387,13 +387,13 @@ template <typename T, int HD> class Runner final : public Model {
         epi.rows = h;
         epi.resid = resid_;
         epi.ld = h;
-        gemv(l, (const T*)w.o, h, qw, n, RowsLinear::blocks(h), ProPlain<T>{attn_, qw}, epi);
+        gemv(l, (const T*)w.o, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi);
         prof_.mark(stream_, "gemv o");
         EpiSiluMul<T> act{ld.inter, act_, ld.inter};
-        gemv(l, (const T*)w.gate_up, 2 * ld.inter, h, n, EpiSiluMul<T>::blocks(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps},
+        gemv(l, (const T*)w.gate_up, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps},
              act);
         prof_.mark(stream_, "gemv gate/up+silu");
-        gemv(l, (const T*)w.down, h, ld.inter, n, RowsLinear::blocks(h), ProPlain<T>{act_, ld.inter}, epi);
+        gemv(l, (const T*)w.down, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi);
         prof_.mark(stream_, "gemv down");
       } else {
         gemm_.run(stream_, dt, w.o, attn_, resid_, n, h, qw, true, true);
@@ -442,11 +442,11 @@ template <typename T, int HD> class Runner final : public Model {
     epi.out = logits_;
     epi.ld = d_.vocab;
     if (sh.tokens == s && s <= kGemvMaxBatch) {
-      gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::blocks(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
       return;
     }
     launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
-    if (s <= kGemvMaxBatch) gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::blocks(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
+    if (s <= kGemvMaxBatch) gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
     else gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, logits_, s, d_.vocab, h, true, false);
   }
 

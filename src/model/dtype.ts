@@ -92,14 +92,6 @@ export function fromFloat32(values: Float32Array, dtype: FloatDType): Uint8Array
   return new Uint8Array(out.buffer);
 }
 
-/** Round fp32 values in place to what `dtype` stores (round to nearest even), as a 16-bit kernel would. */
-export function roundTo(values: Float32Array, dtype: FloatDType): void {
-  if (dtype === "float32") return;
-  const round = dtype === "bfloat16" ? f32ToBf16 : f32ToF16;
-  const widen = dtype === "bfloat16" ? bf16ToF32 : f16ToF32;
-  for (let i = 0; i < values.length; i++) values[i] = widen(round(values[i]));
-}
-
 /** Typed-array views need aligned offsets; bytes sliced out of a file may not be. */
 function aligned(bytes: Uint8Array, align: number): Uint8Array {
   return bytes.byteOffset % align === 0 ? bytes : bytes.slice();

@@ -1,5 +1,5 @@
 import { createHash, timingSafeEqual } from "node:crypto";
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
+import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 import type { Engine } from "../runtime/engine.js";
 import { ApiError, type ErrorBody, errorReply } from "./api-error.js";
 import { chatCompletions } from "./chat.js";
@@ -34,7 +34,7 @@ export interface RouteContext {
   /** The name a response reports for the request's `model`; 404 unless this server serves it. */
   checkModel(model: string): string;
   /** startChoices' context for a request: its arrival, and a signal that fires if its client leaves. */
-  choicesContext(request: FastifyRequest, reply: FastifyReply): ChoicesContext;
+  choicesContext(reply: FastifyReply): ChoicesContext;
   /** A failure after a stream's status was sent: counted and logged like any other, as an error body. */
   streamError(err: unknown): ErrorBody;
 }
@@ -68,7 +68,7 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
       }
       return modelName;
     },
-    choicesContext(_request, reply) {
+    choicesContext(reply) {
       const gone = new AbortController();
       reply.raw.once("close", () => {
         if (!reply.raw.writableFinished) gone.abort();

@@ -37,7 +37,7 @@ export async function chatCompletions(ctx: RouteContext, request: FastifyRequest
     logprobs: body.logprobs ? (body.top_logprobs ?? 0) : undefined,
     seed: choiceSeed(body.seed, i),
   }));
-  const events = await startChoices(ctx.choicesContext(request, reply), requests);
+  const events = await startChoices(ctx.choicesContext(reply), requests);
   const head = { id: responseId("chatcmpl"), created: unixSeconds(), model };
   if (body.stream) {
     return sendEvents(reply, chatChunks(ctx, body, head, events), { doneMarker: true, onError: ctx.streamError });

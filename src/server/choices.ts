@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import type { DoneEvent, Engine, GenerateEvent, GenerateRequest, TokenEvent } from "../runtime/engine.js";
 import { EventChannel } from "../runtime/event-channel.js";
 import type { ServerMetrics } from "./metrics.js";
@@ -26,6 +27,7 @@ export interface ChoicesContext {
  */
 export async function startChoices(ctx: ChoicesContext, requests: GenerateRequest[]): Promise<AsyncIterable<ChoiceEvent>> {
   const stop = new AbortController();
+  setMaxListeners(0, stop.signal); // the engine listens once per choice, and n may be large
   const onClientGone = () => stop.abort();
   ctx.signal.addEventListener("abort", onClientGone, { once: true });
   const detach = () => ctx.signal.removeEventListener("abort", onClientGone);

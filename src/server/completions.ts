@@ -31,7 +31,7 @@ export async function completions(ctx: RouteContext, request: FastifyRequest, re
     promptLogprobs: body.echo === true && withLogprobs,
   };
   const requests = prompts.flatMap((prompt) => Array.from({ length: n }, (_, i) => ({ ...base, prompt, seed: choiceSeed(body.seed, i) })));
-  const events = await startChoices(ctx.choicesContext(request, reply), requests);
+  const events = await startChoices(ctx.choicesContext(reply), requests);
   const echoes = requests.map((r) => (body.echo ? echoText(ctx, r.prompt) : ""));
   const head = { id: responseId("cmpl"), object: "text_completion" as const, created: unixSeconds(), model };
   if (body.stream) {

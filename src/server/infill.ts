@@ -31,7 +31,7 @@ export async function infill(ctx: RouteContext, request: FastifyRequest, reply: 
     seed: body.seed === -1 ? undefined : body.seed,
     stop: body.stop,
   };
-  const events = await startChoices(ctx.choicesContext(request, reply), [generate]);
+  const events = await startChoices(ctx.choicesContext(reply), [generate]);
   if (body.stream) {
     return sendEvents(reply, infillEvents(ctx, body, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
   }

@@ -1,6 +1,5 @@
 import { fail } from "../../errors.js";
 import type { LayerSpec, ModelConfig } from "../../model/config.js";
-import { type FloatDType, roundTo } from "../../model/dtype.js";
 import type { LayerWeights, ModelWeights } from "../../model/weights.js";
 import type { Backend, KvCacheShape, StepBatch, StepResult } from "../backend.js";
 import { runSteps } from "../decode-steps.js";
@@ -20,13 +19,6 @@ export interface CpuBackendOptions {
   numBlocks?: number;
   /** Token slots per KV block (default 16). */
   blockSize?: number;
-  /**
-   * Store activations as this type between operations (default float32: no rounding). With float16 or
-   * bfloat16 the reference rounds exactly where the CUDA kernels store 16-bit values (normalised inputs,
-   * Q/K/V before and after RoPE, attention output, gate/up and their product), so the two can be held to
-   * the same tokens, not just to nearby logits.
-   */
-  activations?: FloatDType;
 }
 
 /** A layer in fp32, with the fused QKV and gate/up matrices viewed as their parts (no copies). */
@@ -64,7 +56,6 @@ export class CpuBackend implements Backend {
   private readonly norm: Float32Array;
   private readonly lmHead: Matrix;
   private readonly cache: KvCache;
-  private readonly round: (values: Float32Array) => Float32Array;
   /** Attention scores of one query head, for up to the model's whole context. */
   private readonly scores: Float32Array;
 
@@ -84,11 +75,6 @@ export class CpuBackend implements Backend {
     this.norm = vectorValues(weights.norm, "norm");
     this.lmHead = weights.lmHead === weights.embed ? this.embed : dequantize(weights.lmHead, "lmHead");
     this.cache = new KvCache(config.layers, numBlocks, blockSize);
-    const activations = options.activations ?? "float32";
-    this.round = (values) => {
-      roundTo(values, activations);
-      return values;
-    };
     this.weightBytes = fp32Bytes(weights);
     this.scores = new Float32Array(config.maxPositionEmbeddings);
   }
@@ -127,18 +113,14 @@ export class CpuBackend implements Backend {
     const { numHeads, numKvHeads, headDim } = layer.spec;
     const h = new Float32Array(x.length);
 
-    const round = this.round;
     rmsNorm(h, x, n, layer.inputNorm, eps);
-    round(h);
-    const q = round(matMul(h, n, layer.q));
-    const k = round(matMul(h, n, layer.k));
-    const v = round(matMul(h, n, layer.v));
+    const q = matMul(h, n, layer.q);
+    const k = matMul(h, n, layer.k);
+    const v = matMul(h, n, layer.v);
     for (let t = 0; t < n; t++) {
       layer.rope.apply(q, t * numHeads * headDim, numHeads, positions[t]);
       layer.rope.apply(k, t * numKvHeads * headDim, numKvHeads, positions[t]);
     }
-    round(q);
-    round(k);
     // Every new token's K and V go into the cache first: attention then reads a sequence's past and
     // present alike from there.
     for (const seq of seqs) {
@@ -148,13 +130,12 @@ export class CpuBackend implements Backend {
     }
     const att = new Float32Array(q.length);
     for (const seq of seqs) attention(att, q, seq, this.cache, index, this.scores);
-    addInto(x, matMul(round(att), n, layer.o));
+    addInto(x, matMul(att, n, layer.o));
 
     rmsNorm(h, x, n, layer.postNorm, eps);
-    round(h);
-    const gate = round(matMul(h, n, layer.gate));
-    swiGlu(gate, round(matMul(h, n, layer.up)));
-    addInto(x, matMul(round(gate), n, layer.down));
+    const gate = matMul(h, n, layer.gate);
+    swiGlu(gate, matMul(h, n, layer.up));
+    addInto(x, matMul(gate, n, layer.down));
   }
 
   /** Final norm and LM head, for the listed rows of x only: [rows.length, vocabSize]. */
@@ -163,7 +144,7 @@ export class CpuBackend implements Backend {
     const h = new Float32Array(rows.length * dim);
     rows.forEach((r, i) => h.set(x.subarray(r * dim, (r + 1) * dim), i * dim));
     rmsNorm(h, h, rows.length, this.norm, this.config.rmsNormEps);
-    return matMul(this.round(h), rows.length, this.lmHead);
+    return matMul(h, rows.length, this.lmHead);
   }
 
   /** Sequences not sampled keep token -1, log-prob 0 and top tokens -1. */
