@@ -11,6 +11,7 @@ import { CudaBackend } from "../src/engine/cuda/backend.js";
 import { parseModelConfig } from "../src/model/config.js";
 import { PRESETS, type PresetName, presetConfigJson } from "../src/model/create.js";
 import { float32Source, packWeights } from "../src/model/pack.js";
+import { quantizeLayer } from "../src/model/quantize.js";
 import { randomWeights } from "../src/model/random.js";
 import { expectedShapes } from "../src/model/weights.js";
 import { Engine } from "../src/runtime/engine.js";
@@ -95,6 +96,34 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
         }
       });
     }
+  }
+
+  for (const kind of ["int8", "int4"] as const) {
+    test(`decilm-tiny with ${kind} weights: logits within 1e-2 of the CPU reference on the same quantized weights`, async () => {
+      const config = parseModelConfig(presetConfigJson(PRESETS["decilm-tiny"], "bfloat16"));
+      const dense = await packWeights(float32Source(randomWeights(config, 11), expectedShapes(config)), config, "bfloat16");
+      const weights = { ...dense, layers: dense.layers.map((l, i) => quantizeLayer(l, { kind, groupSize: 128 }, `layers.${i}`)) };
+      const cpu = new CpuBackend(weights, { numBlocks: 64 });
+      const cuda = await CudaBackend.create(weights, { numBlocks: 64, maxBatchTokens: 512, maxBatchSeqs: 32 });
+      opened.push(cpu, cuda);
+      const vocab = config.vocabSize;
+      const prompt = promptOf(60, 9);
+      // Prefill (cuBLASLt on dequantized weights), then two decode steps (the quantized GEMV).
+      const runs = [];
+      for (const backend of [cpu, cuda]) {
+        const prefill = await backend.step(batchOf([{ tokens: prompt, blocks: blocks(4), sample: false }], "all"));
+        const decode = await backend.step(batchOf([{ tokens: [prompt[3]], past: 60, blocks: blocks(4) }], "last"));
+        runs.push({ prefill, decode });
+      }
+      const [a, g] = runs;
+      let worst = 0;
+      for (let t = 0; t < prompt.length; t++) {
+        worst = Math.max(worst, relErr(g.prefill.logits!.subarray(t * vocab, (t + 1) * vocab), a.prefill.logits!.subarray(t * vocab, (t + 1) * vocab)));
+      }
+      console.log(`# decilm-tiny ${kind}: worst relative L2 error ${worst.toExponential(2)} (prefill), ${relErr(g.decode.logits!, a.decode.logits!).toExponential(2)} (decode)`);
+      assert.ok(worst < 1e-2, `prefill: ${worst}`);
+      assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode");
+    });
   }
 
   test("multi-step decode (graph replays, tokens fed back on the GPU) equals single steps and eager launches", async () => {

@@ -70,20 +70,3 @@ export function permutation(rng: Rng, n: number): number[] {
   }
   return p;
 }
-
-/**
- * How many 16-bit outputs equal the reference rounded the same way: exact, one unit in the last place off
- * (fp32 sums in another order can land on the other side of a rounding boundary), or further.
- */
-export function ulpReport(got: Uint8Array, want: Float32Array, dtype: FloatDType): { exact: number; oneUlp: number; worse: number } {
-  const a = new Uint16Array(got.buffer.slice(got.byteOffset, got.byteOffset + got.byteLength));
-  const wantBytes = fromFloat32(want, dtype);
-  const b = new Uint16Array(wantBytes.buffer, wantBytes.byteOffset, want.length);
-  let exact = 0;
-  let oneUlp = 0;
-  for (let i = 0; i < a.length; i++) {
-    if (a[i] === b[i]) exact++;
-    else if (Math.abs(a[i] - b[i]) === 1) oneUlp++;
-  }
-  return { exact: exact / a.length, oneUlp: oneUlp / a.length, worse: (a.length - exact - oneUlp) / a.length };
-}

@@ -22,7 +22,7 @@ if has tests; then
   node --test --test-reporter=spec dist/test/cuda-kernels.test.js dist/test/cuda-backend.test.js 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^\s*(✔|✖|ℹ)|Error|error" | head -80
 fi
 
-if has parity || has bench || has anchors || has profile; then
+if has parity || has bench || has anchors || has profile || has variants || has quant; then
   step "create a decicoder-1b-shaped model"
   [ -d $model ] || /usr/bin/time -f "%e s, %M KB" $cli create-model --preset decicoder-1b --out $model
 fi
@@ -54,6 +54,30 @@ if has bench; then
     /usr/bin/time -f "wall %e s" $cli generate --model $model --device cuda --prompt "def fib(n):" --max-tokens 100 --ignore-eos --json \
       | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);console.log(JSON.stringify({tokens:j.tokens.length,timings:j.timings}))})'
   done
+fi
+
+if has quant; then
+  step "engines: 16-bit, int8, int4 (decima build), accuracy and load time"
+  for q in none int8 int4; do
+    [ -d /tmp/dc1b-$q ] || /usr/bin/time -f "build $q: %e s, %M KB" $cli build --model $model --out /tmp/dc1b-$q --quant $q --dtype bfloat16 2>&1 | tail -2
+  done
+  node dist/bench/quant-accuracy.js /tmp/dc1b-none /tmp/dc1b-none /tmp/dc1b-int8 /tmp/dc1b-int4 2>&1 | tee "$OUT/quant-accuracy.txt"
+  for q in int8 int4; do
+    $cli bench --model /tmp/dc1b-$q --device cuda --batch 1 --prompt-len 128 --gen-len 256 | tail -2 | tee -a "$OUT/bench-quant.txt"
+  done
+fi
+
+if has variants; then
+  step "decode through the fused GEMV kernels or cuBLASLt, by batch"
+  for g in 16 2; do
+    echo "DECIMA_GEMV_MAX_BATCH=$g"
+    DECIMA_GEMV_MAX_BATCH=$g $cli bench --model $model --device cuda --batch 4,8,16 --prompt-len 128 --gen-len 128 --repeat 2 | tail -4
+  done
+fi
+
+if has kernels; then
+  step "GEMV kernels alone (graphs of 200 launches, weights rotating past L2)"
+  node dist/bench/gemv-kernels.js | tee "$OUT/gemv-kernels.txt"
 fi
 
 if has profile; then

@@ -104,6 +104,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     d.max_pos = num(o, "maxPos", 2048);
     d.dtype = o.Get("dtype").As<Napi::String>().Utf8Value() == "float16" ? decima::DType::F16 : decima::DType::BF16;
     d.tied = o.Get("tied").ToBoolean();
+    const std::string quant = o.Get("quant").IsString() ? o.Get("quant").As<Napi::String>().Utf8Value() : "none";
+    d.quant = quant == "int8" ? decima::Quant::Int8 : quant == "int4" ? decima::Quant::Int4 : decima::Quant::None;
+    d.group = num(o, "groupSize", 128);
     decima::RunnerOptions r;
     r.block_size = num(o, "blockSize", r.block_size);
     r.kv_blocks = num(o, "kvBlocks", 0);

@@ -26,7 +26,7 @@ Gemm::~Gemm() {
 
 // cuBLASLt is column-major: row-major Y[M][N] is column-major N x M, so compute Y^T = W X^T with W
 // (row-major N x K = column-major K x N) transposed and X^T (column-major K x M) as is.
-const Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate) {
+Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate) {
   const Key key{(int)dtype, m, n, k, y_fp32, accumulate};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
@@ -43,18 +43,65 @@ const Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool
   check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
   check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)),
            "workspace");
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
-  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, kCandidates, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   check_lt(s, "heuristic");
   if (found == 0) throw CudaError("cuBLASLt has no algorithm for a " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " product");
-  p.algo = result.algo;
+  p.algo = results[0].algo;
   return plans_.emplace(key, p).first->second;
 }
 
+// The heuristic's first choice is often far from the best for decode-sized products (a few rows): time
+// every candidate once on this shape, into scratch output, and keep the fastest. Not possible while a
+// stream is being captured; the model runs each shape eagerly before capturing it.
+void Gemm::tune(Plan& p, cudaStream_t stream, const void* w, const void* x, int m, int n, bool y_fp32) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone || p.tuned) return;
+  p.tuned = true;
+  cublasLtMatmulPreference_t pref;
+  check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)),
+           "workspace");
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  int found = 0;
+  cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, kCandidates, results, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  const size_t bytes = (size_t)m * n * (y_fp32 ? 4 : 2);
+  void* scratch = nullptr;
+  CUDA_CHECK(cudaMalloc(&scratch, bytes));
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  const float alpha = 1.f, beta = 0.f;
+  float best = 1e30f;
+  for (int i = 0; i < found; i++) {
+    auto run = [&] {
+      return cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, x, p.b, &beta, scratch, p.c, scratch, p.c, &results[i].algo, workspace_,
+                            workspace_bytes_, stream);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that refuses is skipped
+    CUDA_CHECK(cudaEventRecord(a, stream));
+    for (int r = 0; r < 5; r++) run();
+    CUDA_CHECK(cudaEventRecord(b, stream));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    if (ms < best) {
+      best = ms;
+      p.algo = results[i].algo;
+    }
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  CUDA_CHECK(cudaFree(scratch));
+}
+
 void Gemm::run(cudaStream_t stream, DType dtype, const void* w, const void* x, void* y, int m, int n, int k, bool y_fp32, bool accumulate) {
-  const Plan& p = plan(dtype, m, n, k, y_fp32, accumulate);
+  Plan& p = plan(dtype, m, n, k, y_fp32, accumulate);
+  tune(p, stream, w, x, m, n, y_fp32);
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   check_lt(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, workspace_, workspace_bytes_, stream),
            "matmul");

@@ -22,12 +22,15 @@ class Gemm {
 
  private:
   using Key = std::tuple<int, int, int, int, bool, bool>;
+  static constexpr int kCandidates = 16;
   struct Plan {
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
+    bool tuned;
   };
-  const Plan& plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate);
+  Plan& plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate);
+  void tune(Plan& p, cudaStream_t stream, const void* w, const void* x, int m, int n, bool y_fp32);
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

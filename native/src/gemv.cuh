@@ -1,15 +1,15 @@
-// Decode-time matrix products for 1 to 32 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
+// Decode-time matrix products for one or two activation rows: y[b][r] = sum_k W[r][k] x[b][k].
 //
-// Bytes: every weight once (rows x cols x 2); FLOPs: 2 x rows x cols x batch, far under the tensor cores'
-// rate: the limit is memory bandwidth, so the kernel exists to keep enough weight loads in flight.
-// Each block owns a tile of 16 rows; its 8 warps split the columns (32 at a time, round robin) and stream
-// their part of the tile with 16-byte loads, several chunks deep, the first ones issued before waiting for
-// the previous kernel (PDL). The products run on the tensor cores (mma.m16n8k16, fp32 accumulation) with
-// the k order inside each 32-column chunk permuted so that every lane's 16-byte load is directly its
-// fragment: no shuffles, no conversions, a handful of instructions per 32 bytes of weights. The warps'
-// partial sums meet in shared memory, where a fused epilogue consumes them (residual add, RoPE + KV-cache
-// write, SiLU(gate) x up, fp32 logits). A prologue builds the activations in shared memory first: a plain
-// copy, or the RMSNorm of the fp32 residual stream.
+// Bytes: every weight once (rows x cols x its storage size: 2 for fp16/bf16, 1 for int8, 1/2 for int4,
+// plus scales); FLOPs: 2 x rows x cols x batch. Far under any compute limit: what counts is keeping
+// enough weight loads in flight. A block owns tiles of 16 rows (two groups of 8 that an epilogue pairs);
+// each warp streams one row of each group over the full width with lane-strided 16-byte loads (an
+// instruction reads 512 contiguous bytes), P loads deep per row, the first ones issued before waiting for
+// the previous kernel (PDL); sums by shuffles, so no step needs the whole block. The grid is persistent: a
+// block builds its activations once in shared memory (the prologue: a plain copy, or the RMSNorm of the
+// fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
+// (the formats of src/model/weights.ts). Larger batches go to cuBLASLt (faster there, measured with
+// bench/gemv-kernels.ts and `decima bench`).
 #pragma once
 #include "common.cuh"
 
@@ -17,52 +17,193 @@ namespace decima {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvMaxBatch = 32;
-constexpr int kGemvPad = 32;  // shared-memory row padding (elements): rows of x fall in different banks
+constexpr int kGemvMaxBatch = 2;
+constexpr int kGemvPad = 32;  // shared-memory row padding (elements)
+
+__device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
 
 // ---- prologues: fill xs[b][k] (rows of `stride` elements; rows at or past `batch` are zero) -------------
+// Both issue all their loads at once (latency, not bandwidth, is what a prologue costs): the plain copy with
+// asynchronous 16-byte copies straight into shared memory, the RMSNorm with a warp per row. The caller
+// synchronises the block afterwards.
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 template <typename T> struct ProPlain {
   const T* x;  // [batch][ld]
   int ld;
-  ProPlain shifted(int b) const { return {x + (size_t)b * ld, ld}; }
-  __device__ void load(T* xs, int rows, int stride, int batch, int cols, float*) const {
-    const int chunks = stride / 8;
-    for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
-      const int b = i / chunks, c = i % chunks;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (b < batch && c * 8 < cols) v = reinterpret_cast<const uint4*>(x + (size_t)b * ld)[c];
-      reinterpret_cast<uint4*>(xs + (size_t)b * stride)[c] = v;
+  __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
+    const int vecs = stride / 8;
+    for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+      const int b = i / vecs, c = i % vecs;
+      T* dst = xs + (size_t)b * stride + c * 8;
+      if (b < batch && c * 8 < cols) cp_async16(dst, x + (size_t)b * ld + c * 8);
+      else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
+    cp_async_wait_all();
   }
 };
 
-// Llama's RMSNorm of the fp32 residual stream, rounded once to T: x * rsqrt(mean(x^2) + eps) * gain.
+// Llama's RMSNorm of the fp32 residual stream, rounded once to T: x * rsqrt(mean(x^2) + eps) * gain. Every
+// thread takes a slice of every row, so the loads of all rows leave together and one barrier joins the sums.
 template <typename T> struct ProRmsNorm {
   const float* resid;  // [batch][ld]
   int ld;
   const T* gain;
   float eps;
-  ProRmsNorm shifted(int b) const { return {resid + (size_t)b * ld, ld, gain, eps}; }
-  __device__ void load(T* xs, int rows, int stride, int batch, int cols, float* scratch) const {
-    for (int b = 0; b < rows; b++) {
+  __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
+    __shared__ float part[kGemvWarps][kGemvMaxBatch];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = min(rows, batch);
+    for (int b = 0; b < n; b++) {
       const float* r = resid + (size_t)b * ld;
       float ss = 0.f;
-      if (b < batch)
-        for (int k = threadIdx.x * 4; k < cols; k += blockDim.x * 4) {
-          const float4 v = *reinterpret_cast<const float4*>(r + k);
-          ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      for (int k = threadIdx.x * 4; k < cols; k += blockDim.x * 4) {
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) part[warp][b] = ss;
+    }
+    __syncthreads();
+    for (int b = 0; b < rows; b++) {
+      T* dst = xs + (size_t)b * stride;
+      if (b >= n) {
+        for (int k = threadIdx.x; k < stride; k += blockDim.x) dst[k] = from_float<T>(0.f);
+        continue;
+      }
+      float ss = 0.f;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; w++) ss += part[w][b];
+      const float rstd = rsqrtf(ss / cols + eps);
+      const float* r = resid + (size_t)b * ld;
+      for (int k = threadIdx.x * 4; k < stride; k += blockDim.x * 4) {
+        if (k >= cols) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(0.f);
+          continue;
         }
-      if (b < batch) {
-        const float rstd = rsqrtf(block_sum(ss, scratch) / cols + eps);
-        for (int k = threadIdx.x; k < stride; k += blockDim.x)
-          xs[(size_t)b * stride + k] = from_float<T>(k < cols ? r[k] * rstd * to_float(gain[k]) : 0.f);
-      } else {
-        for (int k = threadIdx.x; k < stride; k += blockDim.x) xs[(size_t)b * stride + k] = from_float<T>(0.f);
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
+        const float f[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(f[e] * rstd * to_float(gain[k + e]));
       }
     }
   }
 };
+
+// ---- weight formats: how 16 bytes of a row become values ----------------------------------------------
+// `dot` adds one 16-byte vector's products with x (batch rows of shared memory) into acc; `finish` applies
+// what is per row (the int8 scale).
+
+template <typename T> struct DenseW {
+  static constexpr int kPerVec = 8;  // values per 16 bytes
+  const T* w;
+  int cols;
+  __device__ uint4 load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
+  template <int B> __device__ void dot(const uint4& q, int, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[8];
+    unpack8(q, wf, T());
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      float x[8];
+      unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec), x, T());
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[b] = fmaf(wf[e], x[e], acc[b]);
+    }
+  }
+  __device__ float finish(int, float acc) const { return acc; }
+  __device__ void values(const uint4& q, int, int, float* out) const { unpack8(q, out, T()); }
+};
+
+// W8A16: int8 values, a scale per row.
+template <typename T> struct Int8W {
+  static constexpr int kPerVec = 16;
+  const int8_t* q;
+  const half* scales;  // [rows]
+  int cols;
+  __device__ uint4 load(int row, int v) const { return load_stream(q + (size_t)row * cols + v * kPerVec); }
+  template <int B> __device__ void dot(const uint4& qv, int, int v, const T* xs, int stride, float (&acc)[B]) const {
+    const int8_t* c = reinterpret_cast<const int8_t*>(&qv);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        float x[8];
+        unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[b] = fmaf((float)c[h * 8 + e], x[e], acc[b]);
+      }
+    }
+  }
+  __device__ float finish(int row, float acc) const { return acc * __half2float(scales[row]); }
+  __device__ void values(const uint4& qv, int row, int, float* out) const {
+    const int8_t* c = reinterpret_cast<const int8_t*>(&qv);
+    const float s = __half2float(scales[row]);
+#pragma unroll
+    for (int e = 0; e < kPerVec; e++) out[e] = c[e] * s;
+  }
+};
+
+// W4A16: int4 values stored as q + 8 (column 2j in the low nibble), a scale per row and group of columns.
+// A 16-byte vector (32 columns) lies inside one group (groups are multiples of 32 columns).
+template <typename T> struct Int4W {
+  static constexpr int kPerVec = 32;
+  const uint8_t* q;
+  const half* scales;  // [rows][cols / group]
+  int cols, group;
+  __device__ uint4 load(int row, int v) const { return load_stream(q + (size_t)row * (cols / 2) + v * 16); }
+  template <int B> __device__ void dot(const uint4& qv, int row, int v, const T* xs, int stride, float (&acc)[B]) const {
+    const uint8_t* c = reinterpret_cast<const uint8_t*>(&qv);
+    const float scale = __half2float(scales[(size_t)row * (cols / group) + v * kPerVec / group]);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      float part = 0.f;
+#pragma unroll
+      for (int h = 0; h < 4; h++) {
+        float x[8];
+        unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const uint8_t byte = c[h * 4 + e];
+          part = fmaf((float)((int)(byte & 15) - 8), x[2 * e], part);
+          part = fmaf((float)((int)(byte >> 4) - 8), x[2 * e + 1], part);
+        }
+      }
+      acc[b] = fmaf(part, scale, acc[b]);
+    }
+  }
+  __device__ float finish(int, float acc) const { return acc; }
+  __device__ void values(const uint4& qv, int row, int v, float* out) const {
+    const uint8_t* c = reinterpret_cast<const uint8_t*>(&qv);
+    const float s = __half2float(scales[(size_t)row * (cols / group) + v * kPerVec / group]);
+#pragma unroll
+    for (int e = 0; e < 16; e++) {
+      out[2 * e] = ((int)(c[e] & 15) - 8) * s;
+      out[2 * e + 1] = ((int)(c[e] >> 4) - 8) * s;
+    }
+  }
+};
+
+// Quantized weights as T, for the cuBLASLt path (prefill, larger batches): one 16-byte vector per thread.
+// Bytes: the quantized matrix read once, rows x cols x 2 written (then read again by the product).
+template <typename T, class W> __global__ void dequantize_kernel(W w, int rows, T* __restrict__ out) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int vecs = w.cols / W::kPerVec;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)rows * vecs; i += (size_t)gridDim.x * blockDim.x) {
+    const int row = (int)(i / vecs), v = (int)(i % vecs);
+    float f[W::kPerVec];
+    w.values(w.load(row, v), row, v, f);
+#pragma unroll
+    for (int c = 0; c < W::kPerVec / 8; c++)
+      *reinterpret_cast<uint4*>(out + (size_t)row * w.cols + v * W::kPerVec + c * 8) = pack8<T>(f + c * 8);
+  }
+}
 
 // ---- epilogues -------------------------------------------------------------------------------------------
 // A block's 16 rows are two groups of 8, starting at rows `lo` and `hi`; lane-level results arrive as
@@ -85,11 +226,6 @@ struct RowsLinear {
 struct EpiResidual : RowsLinear {
   float* resid;
   int ld;
-  EpiResidual shifted(int b) const {
-    EpiResidual e = *this;
-    e.resid += (size_t)b * ld;
-    return e;
-  }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     if (valid(t.lo + i)) resid[(size_t)b * ld + t.lo + i] += lo;
     if (valid(t.hi + i)) resid[(size_t)b * ld + t.hi + i] += hi;
@@ -100,11 +236,6 @@ struct EpiResidual : RowsLinear {
 struct EpiLogits : RowsLinear {
   float* out;
   int ld;
-  EpiLogits shifted(int b) const {
-    EpiLogits e = *this;
-    e.out += (size_t)b * ld;
-    return e;
-  }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     if (valid(t.lo + i)) out[(size_t)b * ld + t.lo + i] = lo;
     if (valid(t.hi + i)) out[(size_t)b * ld + t.hi + i] = hi;
@@ -115,11 +246,6 @@ struct EpiLogits : RowsLinear {
 template <typename T> struct EpiStore : RowsLinear {
   T* out;
   int ld;
-  EpiStore shifted(int b) const {
-    EpiStore e = *this;
-    e.out += (size_t)b * ld;
-    return e;
-  }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     if (valid(t.lo + i)) out[(size_t)b * ld + t.lo + i] = from_float<T>(lo);
     if (valid(t.hi + i)) out[(size_t)b * ld + t.hi + i] = from_float<T>(hi);
@@ -131,7 +257,6 @@ template <typename T> struct EpiSiluMul {
   int inter;
   T* out;
   int ld;
-  EpiSiluMul shifted(int b) const { return {inter, out + (size_t)b * ld, ld}; }
   __device__ TileRows tile(int block) const { return {block * 8, inter + block * 8}; }
   static int tiles(int inter) { return ceil_div(inter, 8); }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
@@ -164,13 +289,6 @@ template <typename T> struct EpiQkvRope {
   T* k_cache;
   T* v_cache;
   RopeArgs rope;
-  EpiQkvRope shifted(int b) const {
-    EpiQkvRope e = *this;
-    e.q += (size_t)b * q_ld;
-    e.rope.positions += b;
-    e.rope.slots += b;
-    return e;
-  }
   __device__ TileRows tile(int block) const {
     const int per_head = hd / 16, head = block / per_head, p = (block % per_head) * 8;
     return {head * hd + p, head * hd + p + hd / 2};
@@ -200,106 +318,69 @@ template <typename T> struct EpiQkvRope {
 
 // ---- the kernel ------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void mma_bf16_or_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
-                                                __nv_bfloat16) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_bf16_or_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
-                                                half) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
-
-// NT n-tiles of 8 batch rows (batch <= 8 NT); P chunks of 32 columns in flight per warp. The grid is
-// persistent: a block builds the activations once, then walks tiles blockIdx.x, + gridDim.x, ..., its
-// warps' loads streaming on across tile boundaries.
-template <typename T, int NT, int P, class Pro, class Epi>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const T* __restrict__ w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+template <typename T, int B, int P, class W, class Pro, class Epi>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[32];
-  __shared__ float red[2][kGemvWarps][16][8 * NT];  // two, so that a tile's sums never wait for the last tile's epilogue
   const int stride = cols + kGemvPad;
   T* xs = reinterpret_cast<T*>(smem_raw);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quad = lane >> 2, tig = lane & 3;
-  const int chunks = ceil_div(cols, 32);
-  const int per_tile = ceil_div(chunks, kGemvWarps);  // the same for every warp: barriers stay uniform
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int vecs = cols / W::kPerVec;           // 16-byte vectors per row
+  const int per_tile = ceil_div(vecs, 32);      // per lane
   const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
   const int items = my_tiles * per_tile;
-
-  // Item j of this warp: tile blockIdx.x + (j / per_tile) * gridDim.x, chunk warp + (j % per_tile) * 8.
-  // Lane (quad, tig) loads rows lo + quad and hi + quad, columns [32 c + 8 tig, 32 c + 8 tig + 8).
+  // Item j of a lane: tile blockIdx.x + (j / per_tile) * gridDim.x, vector lane + (j % per_tile) * 32 of the
+  // warp's two rows.
   auto load = [&](int j, uint4& lo, uint4& hi) {
     lo = hi = make_uint4(0, 0, 0, 0);
     if (j >= items) return;
     const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
-    const int col = (warp + (j % per_tile) * kGemvWarps) * 32 + tig * 8;
-    if (col >= cols) return;
-    if (t.lo + quad < rows) lo = load_stream(w + (size_t)(t.lo + quad) * cols + col);
-    if (t.hi + quad < rows) hi = load_stream(w + (size_t)(t.hi + quad) * cols + col);
+    const int v = lane + (j % per_tile) * 32;
+    if (v >= vecs) return;
+    if (t.lo + warp < rows) lo = w.load(t.lo + warp, v);
+    if (t.hi + warp < rows) hi = w.load(t.hi + warp, v);
   };
 
   // The weights depend on nothing earlier in the step: start streaming them before waiting.
-  uint4 a_lo[P], a_hi[P];
+  uint4 w_lo[P], w_hi[P];
 #pragma unroll
-  for (int u = 0; u < P; u++) load(u, a_lo[u], a_hi[u]);
+  for (int u = 0; u < P; u++) load(u, w_lo[u], w_hi[u]);
   pdl_launch_dependents();
   pdl_wait();
-  pro.load(xs, 8 * NT, stride, batch, cols, scratch);
+  pro.load(xs, B, stride, batch, cols);
   __syncthreads();
 
-  float acc[NT][4];
+  float acc_lo[B], acc_hi[B];
 #pragma unroll
-  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int b = 0; b < B; b++) acc_lo[b] = acc_hi[b] = 0.f;
   for (int j0 = 0; j0 < items; j0 += P) {
 #pragma unroll
     for (int u = 0; u < P; u++) {
       const int j = j0 + u;
-      if (j < items) {
-        const int c = warp + (j % per_tile) * kGemvWarps;
+      if (j >= items) break;
+      const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
+      const int v = lane + (j % per_tile) * 32;
+      if (v < vecs) {
+        w.template dot<B>(w_lo[u], t.lo + warp, v, xs, stride, acc_lo);
+        w.template dot<B>(w_hi[u], t.hi + warp, v, xs, stride, acc_hi);
+      }
+      load(j + P, w_lo[u], w_hi[u]);
+      if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp, lane 0 stores
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-          const uint4 x = *reinterpret_cast<const uint4*>(xs + (size_t)(n * 8 + quad) * stride + c * 32 + tig * 8);
-          // Two k16 steps: elements 0-3 of the lane's 8 columns, then 4-7 (see the note at the top).
-          mma_bf16_or_f16(acc[n], a_lo[u].x, a_hi[u].x, a_lo[u].y, a_hi[u].y, x.x, x.y, T());
-          mma_bf16_or_f16(acc[n], a_lo[u].z, a_hi[u].z, a_lo[u].w, a_hi[u].w, x.z, x.w, T());
-        }
-        load(j + P, a_lo[u], a_hi[u]);
-        if (j % per_tile == per_tile - 1) {  // the warp's last chunk of this tile: sums meet, epilogue runs
-          const int k = j / per_tile;
-          float(*r)[16][8 * NT] = red[k & 1];
-#pragma unroll
-          for (int n = 0; n < NT; n++) {  // acc[n]: rows (quad, quad + 8) x batch (n * 8 + 2 tig, + 1)
-            r[warp][quad][n * 8 + 2 * tig] = acc[n][0];
-            r[warp][quad][n * 8 + 2 * tig + 1] = acc[n][1];
-            r[warp][quad + 8][n * 8 + 2 * tig] = acc[n][2];
-            r[warp][quad + 8][n * 8 + 2 * tig + 1] = acc[n][3];
-            acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+        for (int b = 0; b < B; b++) {
+          const float lo = warp_sum(acc_lo[b]), hi = warp_sum(acc_hi[b]);
+          if (lane == 0 && b < batch) {
+            const int r_lo = min(t.lo + warp, rows - 1), r_hi = min(t.hi + warp, rows - 1);
+            epi.store(t, warp, b, w.finish(r_lo, lo), w.finish(r_hi, hi));
           }
-          __syncthreads();
-          const TileRows t = epi.tile(blockIdx.x + k * gridDim.x);
-          for (int i = threadIdx.x; i < 8 * 8 * NT; i += blockDim.x) {
-            const int row = i / (8 * NT), b = i % (8 * NT);
-            if (b >= batch) continue;
-            float lo = 0.f, hi = 0.f;
-#pragma unroll
-            for (int v = 0; v < kGemvWarps; v++) {
-              lo += r[v][row][b];
-              hi += r[v][row + 8][b];
-            }
-            epi.store(t, row, b, lo, hi);
-          }
+          acc_lo[b] = acc_hi[b] = 0.f;
         }
       }
     }
   }
 }
 
-// Blocks that fit on the GPU at once for this instantiation: the persistent grid's size.
+// The persistent grid: as many blocks as fit on the GPU at once; a product with no more tiles than that
+// runs a block per tile.
 template <typename K> int resident_blocks(K kernel, size_t smem) {
   static int sms = 0;
   if (sms == 0) {
@@ -312,11 +393,11 @@ template <typename K> int resident_blocks(K kernel, size_t smem) {
   return std::max(1, per_sm) * sms;
 }
 
-template <typename T, int NT, class Pro, class Epi>
-void gemv_launch(const Launch& l, const T* w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+template <typename T, int B, class W, class Pro, class Epi>
+void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   constexpr int P = 8;
-  auto kernel = gemv_kernel<T, NT, P, Pro, Epi>;
-  const size_t smem = (size_t)8 * NT * (cols + kGemvPad) * sizeof(T);
+  auto kernel = gemv_kernel<T, B, P, W, Pro, Epi>;
+  const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -326,23 +407,12 @@ void gemv_launch(const Launch& l, const T* w, int rows, int cols, int batch, int
   launch(l, kernel, dim3(grid), dim3(kGemvThreads), smem, w, rows, cols, batch, tiles, pro, epi);
 }
 
-// Shared memory holds 8 NT rows of x: past this, a batch is split into parts that each read W again.
-constexpr size_t kGemvMaxSmem = 200 * 1024;
-
-// `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling. Batches of
-// up to 32 rows; the prologue and epilogue index the batch from row 0, so a split shifts their pointers.
-template <typename T, class Pro, class Epi>
-void gemv(const Launch& l, const T* w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  const size_t row_bytes = (size_t)(cols + kGemvPad) * sizeof(T);
-  if (batch <= 8) gemv_launch<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
-  else if (batch <= 16) gemv_launch<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
-  else if (batch <= 32 && 32 * row_bytes <= kGemvMaxSmem) gemv_launch<T, 4>(l, w, rows, cols, batch, tiles, pro, epi);
-  else if (batch <= kGemvMaxBatch) {
-    gemv_launch<T, 2>(l, w, rows, cols, 16, tiles, pro, epi);
-    gemv_launch<T, 2>(l, w, rows, cols, batch - 16, tiles, pro.shifted(16), epi.shifted(16));
-  } else {
-    throw CudaError("gemv: batch " + std::to_string(batch) + " is over " + std::to_string(kGemvMaxBatch));
-  }
+// `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
+template <typename T, class W, class Pro, class Epi>
+void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+  if (batch == 1) gemv_launch<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
+  else if (batch == 2) gemv_launch<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
+  else throw CudaError("gemv: batch " + std::to_string(batch) + " (the GEMV kernels take 1 or 2 rows)");
 }
 
 }  // namespace decima

@@ -1,5 +1,7 @@
 // Single-kernel entry points for the tests (test/cuda-kernels.test.ts), which compare each kernel with the
 // CPU reference on fresh random inputs. Not part of the engine's path: the model runs whole steps.
+#include <cstring>
+#include <type_traits>
 #include <map>
 #include <string>
 #include <vector>
@@ -56,51 +58,69 @@ struct Ctx {
 
 const Launch kEager{0, false};
 
+// The GEMV with each epilogue (mode) and prologue (norm), over weights stored as `quant` (0 dense, 1 int8,
+// 2 int4 with `group`): "w" holds the values, "scales" the fp16 scales of the quantized formats.
 template <typename T> BufferMap gemv_test(const Ctx& c) {
-  const int rows = c.i("rows"), cols = c.i("cols"), batch = c.i("batch"), mode = c.i("mode");
+  const int rows = c.i("rows"), cols = c.i("cols"), batch = c.i("batch"), mode = c.i("mode"), quant = c.i("quant");
   Dev w(c.buf("w"));
+  Dev scales(quant ? c.buf("scales") : Bytes());
   BufferMap out;
-  auto run = [&](auto pro) {
+  auto run = [&](const auto& weights, const auto& pro) {
+    auto go = [&](const auto& epi, int tiles) { gemv<T>(kEager, weights, rows, cols, batch, tiles, pro, epi); };
     switch (mode) {
       case 0: {  // store T
         Dev y((size_t)batch * rows * sizeof(T));
         EpiStore<T> e{};
-        e.rows = rows; e.out = y.as<T>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
+        e.rows = rows, e.out = y.as<T>(), e.ld = rows;
+        go(e, RowsLinear::tiles(rows));
         out["y"] = y.read();
         break;
       }
       case 1: {  // residual add
         Dev y(c.buf("resid_out"));
         EpiResidual e{};
-        e.rows = rows; e.resid = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
+        e.rows = rows, e.resid = y.as<float>(), e.ld = rows;
+        go(e, RowsLinear::tiles(rows));
         out["y"] = y.read();
         break;
       }
       case 2: {  // fp32 logits
         Dev y((size_t)batch * rows * 4);
         EpiLogits e{};
-        e.rows = rows; e.out = y.as<float>(); e.ld = rows;
-        gemv(kEager, w.as<T>(), rows, cols, batch, RowsLinear::tiles(rows), pro, e);
+        e.rows = rows, e.out = y.as<float>(), e.ld = rows;
+        go(e, RowsLinear::tiles(rows));
         out["y"] = y.read();
         break;
       }
       default: {  // SiLU(gate) x up over [gate; up]
         const int inter = rows / 2;
         Dev y((size_t)batch * inter * sizeof(T));
-        EpiSiluMul<T> e{inter, y.as<T>(), inter};
-        gemv(kEager, w.as<T>(), rows, cols, batch, EpiSiluMul<T>::tiles(inter), pro, e);
+        go(EpiSiluMul<T>{inter, y.as<T>(), inter}, EpiSiluMul<T>::tiles(inter));
         out["y"] = y.read();
       }
     }
   };
-  if (c.i("norm")) {
-    Dev resid(c.buf("x")), gain(c.buf("gain"));
-    run(ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), c.f("eps")});
-  } else {
-    Dev x(c.buf("x"));
-    run(ProPlain<T>{x.as<T>(), cols});
+  auto with_prologue = [&](const auto& weights) {
+    if (c.i("norm")) {
+      Dev resid(c.buf("x")), gain(c.buf("gain"));
+      run(weights, ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), c.f("eps")});
+    } else {
+      Dev x(c.buf("x"));
+      run(weights, ProPlain<T>{x.as<T>(), cols});
+    }
+  };
+  if (quant == 0) with_prologue(DenseW<T>{w.as<T>(), cols});
+  else if (quant == 1) with_prologue(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
+  else with_prologue(Int4W<T>{w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")});
+  if (quant) {  // the cuBLASLt path's dequantization too
+    Dev dq((size_t)rows * cols * sizeof(T));
+    auto deq = [&](const auto& wq) {
+      using W = std::decay_t<decltype(wq)>;
+      launch(kEager, dequantize_kernel<T, W>, dim3(64), dim3(256), 0, wq, rows, dq.as<T>());
+    };
+    if (quant == 1) deq(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
+    else deq(Int4W<T>{w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")});
+    out["dequantized"] = dq.read();
   }
   return out;
 }
@@ -119,7 +139,7 @@ template <typename T, int HD> BufferMap qkv_test(const Ctx& c) {
   const ProRmsNorm<T> pro{x.as<float>(), hidden, gain.as<T>(), c.f("eps")};
   if (c.i("fused")) {
     EpiQkvRope<T> e{HD, heads, kv, bs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), ra};
-    gemv(kEager, w.as<T>(), rows, hidden, n, EpiQkvRope<T>::tiles(HD, heads, kv), pro, e);
+    gemv<T>(kEager, DenseW<T>{w.as<T>(), hidden}, rows, hidden, n, EpiQkvRope<T>::tiles(HD, heads, kv), pro, e);
   } else {
     Dev xn((size_t)n * hidden * sizeof(T)), qkv((size_t)n * rows * sizeof(T));
     launch(kEager, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)x.as<float>(), (const int*)nullptr, (const T*)gain.as<T>(), xn.as<T>(),
@@ -198,8 +218,62 @@ BufferMap sample_test(const Ctx& c) {
   return {{"tokens", tokens.read()}, {"logprobs", lps.read()}, {"top_ids", tids.read()}, {"top_logprobs", tlps.read()}};
 }
 
+// Time the GEMV with the residual epilogue, as the O and down projections run: `copies` weight matrices in
+// rotation (together past L2), each launch captured in one CUDA graph of `iters` launches. Returns the
+// mean microseconds per launch in "us" (an fp32 scalar).
+template <typename T> BufferMap gemv_bench(const Ctx& c) {
+  const int rows = c.i("rows"), cols = c.i("cols"), batch = c.i("batch"), copies = c.i("copies"), iters = c.i("iters");
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const Launch l{stream, c.i("pdl") != 0};
+  const size_t wbytes = (size_t)rows * cols * sizeof(T);
+  Dev w(wbytes * copies), x((size_t)batch * cols * sizeof(T)), y((size_t)batch * rows * 4);
+  CUDA_CHECK(cudaMemset(w.p, 0x3c, wbytes * copies));  // small finite values; the time does not depend on them
+  CUDA_CHECK(cudaMemset(x.p, 0x3c, x.bytes));
+  EpiResidual e{};
+  e.rows = rows;
+  e.resid = y.as<float>();
+  e.ld = rows;
+  Dev resid((size_t)batch * cols * 4), gain((size_t)cols * sizeof(T));
+  CUDA_CHECK(cudaMemset(resid.p, 0x3c, resid.bytes));
+  CUDA_CHECK(cudaMemset(gain.p, 0x3c, gain.bytes));
+  const bool norm = c.i("norm") != 0;  // the prologue of the QKV, gate/up and LM-head products
+  auto run = [&](int i) {
+    const DenseW<T> wi{reinterpret_cast<const T*>(w.as<char>() + (i % copies) * wbytes), cols};
+    if (norm) gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), 1e-5f}, e);
+    else gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProPlain<T>{x.as<T>(), cols}, e);
+  };
+  run(0);  // configures the kernel outside the capture
+  cudaGraph_t graph;
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < iters; i++) run(i);
+  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  CUDA_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
+  CUDA_CHECK(cudaEventRecord(a, stream));
+  CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  CUDA_CHECK(cudaEventRecord(b, stream));
+  CUDA_CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  const float us = ms * 1000.f / iters;
+  Bytes out(4);
+  std::memcpy(out.data(), &us, 4);
+  return {{"us", out}};
+}
+
 template <typename T> BufferMap dispatch_t(const std::string& name, const Ctx& c) {
   if (name == "gemv") return gemv_test<T>(c);
+  if (name == "bench_gemv") return gemv_bench<T>(c);
   if (name == "qkv" || name == "attention") {
     const int hd = c.i("head_dim");
     if (hd != 64 && hd != 128) throw CudaError("kernel test: head size " + std::to_string(hd));

@@ -1,5 +1,6 @@
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <map>
 
 #include "advance.cuh"
@@ -99,8 +100,15 @@ struct InputRegion {
   }
 };
 
+// A linear layer's storage: 16-bit values, or quantized values and their scales (fp16).
+struct Linear {
+  void* data;
+  half* scales;
+};
+
 struct LayerWeights {
-  void *in_norm, *qkv, *o, *post_norm, *gate_up, *down;
+  void *in_norm, *post_norm;
+  Linear qkv, o, gate_up, down;
 };
 
 template <typename T, int HD> class Runner final : public Model {
@@ -156,17 +164,58 @@ template <typename T, int HD> class Runner final : public Model {
     weight_info_.push_back({name, layer, elements * sizeof(T)});
   }
 
+  // A linear layer's data and, when quantized, its scales ("<name>.scales"), in the layout of
+  // src/model/weights.ts.
+  void add_linear(const std::string& name, int layer, size_t rows, size_t cols) {
+    switch (d_.quant) {
+      case Quant::None: add_weight(name, layer, rows * cols); return;
+      case Quant::Int8:
+        weight_info_.push_back({name, layer, rows * cols});
+        weight_info_.push_back({name + ".scales", layer, rows * 2});
+        return;
+      case Quant::Int4:
+        weight_info_.push_back({name, layer, rows * cols / 2});
+        weight_info_.push_back({name + ".scales", layer, rows * (cols / d_.group) * 2});
+        return;
+    }
+  }
+
+  Linear linear(const std::string& name, int layer) {
+    const bool quantized = d_.quant != Quant::None;
+    return Linear{weight_ptr_.at(key(name, layer)), quantized ? (half*)weight_ptr_.at(key(name + ".scales", layer)) : nullptr};
+  }
+
+  // Call f with the linear layer as its kernels read it (DenseW, Int8W or Int4W, see gemv.cuh).
+  template <class F> void with_linear(const Linear& lin, int cols, F&& f) const {
+    switch (d_.quant) {
+      case Quant::None: return f(DenseW<T>{(const T*)lin.data, cols});
+      case Quant::Int8: return f(Int8W<T>{(const int8_t*)lin.data, lin.scales, cols});
+      case Quant::Int4: return f(Int4W<T>{(const uint8_t*)lin.data, lin.scales, cols, d_.group});
+    }
+  }
+
+  // A linear layer as 16-bit values for cuBLASLt: itself, or dequantized into scratch.
+  const void* dense(const Launch& l, const Linear& lin, int rows, int cols) {
+    if (d_.quant == Quant::None) return lin.data;
+    with_linear(lin, cols, [&](const auto& w) {
+      using W = std::decay_t<decltype(w)>;
+      const int vecs = rows * (cols / W::kPerVec);
+      launch(l, dequantize_kernel<T, W>, dim3(std::min(ceil_div(vecs, 256), 4096)), dim3(256), 0, w, rows, dequant_);
+    });
+    return dequant_;
+  }
+
   void allocate_weights() {
     const size_t h = d_.hidden;
     add_weight("embed", -1, (size_t)d_.vocab * h);
     for (int i = 0; i < (int)d_.layers.size(); i++) {
       const LayerDims& l = d_.layers[i];
       add_weight("in_norm", i, h);
-      add_weight("qkv", i, (size_t)(l.heads + 2 * l.kv_heads) * l.head_dim * h);
-      add_weight("o", i, h * l.heads * l.head_dim);
+      add_linear("qkv", i, (size_t)(l.heads + 2 * l.kv_heads) * l.head_dim, h);
+      add_linear("o", i, h, (size_t)l.heads * l.head_dim);
       add_weight("post_norm", i, h);
-      add_weight("gate_up", i, 2 * (size_t)l.inter * h);
-      add_weight("down", i, h * l.inter);
+      add_linear("gate_up", i, 2 * (size_t)l.inter, h);
+      add_linear("down", i, h, l.inter);
     }
     add_weight("norm", -1, h);
     if (!d_.tied) add_weight("lm_head", -1, (size_t)d_.vocab * h);
@@ -181,11 +230,11 @@ template <typename T, int HD> class Runner final : public Model {
     for (int i = 0; i < (int)d_.layers.size(); i++) {
       LayerWeights& lw = layers_[i];
       lw.in_norm = weight_ptr_[key("in_norm", i)];
-      lw.qkv = weight_ptr_[key("qkv", i)];
-      lw.o = weight_ptr_[key("o", i)];
+      lw.qkv = linear("qkv", i);
+      lw.o = linear("o", i);
       lw.post_norm = weight_ptr_[key("post_norm", i)];
-      lw.gate_up = weight_ptr_[key("gate_up", i)];
-      lw.down = weight_ptr_[key("down", i)];
+      lw.gate_up = linear("gate_up", i);
+      lw.down = linear("down", i);
     }
     embed_ = (T*)weight_ptr_[key("embed", -1)];
     norm_ = (T*)weight_ptr_[key("norm", -1)];
@@ -207,6 +256,12 @@ template <typename T, int HD> class Runner final : public Model {
     q_ = arena_.device<T>(t * max_heads * HD, "queries");
     attn_ = arena_.device<T>(t * max_heads * HD, "attention output");
     gate_up_ = arena_.device<T>(t * 2 * max_inter, "gate/up products");
+    if (d_.quant != Quant::None) {  // the largest linear layer, dequantized for cuBLASLt
+      size_t biggest = 0;
+      for (const auto& l : d_.layers)
+        biggest = std::max({biggest, (size_t)(l.heads + 2 * l.kv_heads) * HD * h, 2 * (size_t)l.inter * h, (size_t)l.inter * h});
+      dequant_ = arena_.device<T>(biggest, "dequantized weights");
+    }
     act_ = arena_.device<T>(t * max_inter, "MLP activations");
     logits_ = arena_.device<float>(s * d_.vocab, "logits");
     probs_ = arena_.device<float>(s * d_.vocab, "sampling probabilities");
@@ -351,12 +406,14 @@ template <typename T, int HD> class Runner final : public Model {
 
   // ---- the forward pass ---------------------------------------------------------------------------------
 
+  Launch launch_config() const { return Launch{stream_, o_.pdl}; }
+
   RopeArgs rope_args() const { return RopeArgs{rope_, dev_in_.positions, dev_in_.slots}; }
 
   // One decoder step over `sh.tokens` rows, ending with sampled tokens in cur_*. With few rows the matrix
   // products are GEMVs with their neighbours fused in; otherwise cuBLASLt with small kernels between.
   void forward(const Shape& sh, int top_n, float* logits_to_host = nullptr) {
-    const Launch l{stream_, o_.pdl};
+    const Launch l = launch_config();
     const int n = sh.tokens, h = d_.hidden;
     const bool small = n <= kGemvMaxBatch;
     const DType dt = d_.dtype;
@@ -369,13 +426,14 @@ template <typename T, int HD> class Runner final : public Model {
       const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
       if (small) {
         EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
-        gemv(l, (const T*)w.qkv, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps},
-             epi);
+        with_linear(w.qkv, h, [&](const auto& wq) {
+          gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
+        });
         prof_.mark(stream_, "gemv qkv+rope");
       } else {
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
         prof_.mark(stream_, "rmsnorm");
-        gemm_.run(stream_, dt, w.qkv, xnorm_, qkv_, n, rows_qkv, h, false, false);
+        gemm_.run(stream_, dt, dense(l, w.qkv, rows_qkv, h), xnorm_, qkv_, n, rows_qkv, h, false, false);
         prof_.mark(stream_, "gemm qkv");
         launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
                v_cache_[i], rope_args());
@@ -387,24 +445,25 @@ template <typename T, int HD> class Runner final : public Model {
         epi.rows = h;
         epi.resid = resid_;
         epi.ld = h;
-        gemv(l, (const T*)w.o, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi);
+        with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
         prof_.mark(stream_, "gemv o");
         EpiSiluMul<T> act{ld.inter, act_, ld.inter};
-        gemv(l, (const T*)w.gate_up, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps},
-             act);
+        with_linear(w.gate_up, h, [&](const auto& wg) {
+          gemv<T>(l, wg, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
+        });
         prof_.mark(stream_, "gemv gate/up+silu");
-        gemv(l, (const T*)w.down, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi);
+        with_linear(w.down, ld.inter, [&](const auto& wd) { gemv<T>(l, wd, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi); });
         prof_.mark(stream_, "gemv down");
       } else {
-        gemm_.run(stream_, dt, w.o, attn_, resid_, n, h, qw, true, true);
+        gemm_.run(stream_, dt, dense(l, w.o, h, qw), attn_, resid_, n, h, qw, true, true);
         prof_.mark(stream_, "gemm o");
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
         prof_.mark(stream_, "rmsnorm");
-        gemm_.run(stream_, dt, w.gate_up, xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
+        gemm_.run(stream_, dt, dense(l, w.gate_up, 2 * ld.inter, h), xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
         prof_.mark(stream_, "gemm gate/up");
         launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
         prof_.mark(stream_, "silu x up");
-        gemm_.run(stream_, dt, w.down, act_, resid_, n, h, ld.inter, true, true);
+        gemm_.run(stream_, dt, dense(l, w.down, h, ld.inter), act_, resid_, n, h, ld.inter, true, true);
         prof_.mark(stream_, "gemm down");
       }
     }
@@ -441,12 +500,13 @@ template <typename T, int HD> class Runner final : public Model {
     epi.rows = d_.vocab;
     epi.out = logits_;
     epi.ld = d_.vocab;
+    const DenseW<T> head{lm_head_, h};
     if (sh.tokens == s && s <= kGemvMaxBatch) {
-      gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
       return;
     }
     launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
-    if (s <= kGemvMaxBatch) gemv(l, lm_head_, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
+    if (s <= kGemvMaxBatch) gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
     else gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, logits_, s, d_.vocab, h, true, false);
   }
 
@@ -478,7 +538,7 @@ template <typename T, int HD> class Runner final : public Model {
     const int rows = std::min(bucket(in.num_seqs), o_.max_seqs);
     const Shape sh = stage(in, rows);
     CUDA_CHECK(cudaMemsetAsync(step_idx_, 0, sizeof(int), stream_));
-    const Launch l{stream_, o_.pdl};
+    const Launch l = launch_config();
     if (o_.graphs) {
       cudaGraphExec_t exec = graph(sh, in.top_n);
       for (int k = 0; k < in.steps; k++) CUDA_CHECK(cudaGraphLaunch(exec, stream_));
@@ -495,11 +555,14 @@ template <typename T, int HD> class Runner final : public Model {
     const auto k = std::make_pair(sh.seqs, top_n);
     auto it = graphs_.find(k);
     if (it != graphs_.end()) return it->second;
+    // One eager run first: kernels load, cuBLASLt tunes its shapes (it cannot while capturing). It computes
+    // exactly what the first replay recomputes (same K/V slots, same sample), so it changes nothing.
+    forward(sh, top_n);
     cudaGraph_t g = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
       forward(sh, top_n);
-      advance(Launch{stream_, o_.pdl}, sh.seqs, top_n);
+      advance(launch_config(), sh.seqs, top_n);
     } catch (...) {
       cudaStreamEndCapture(stream_, &g);
       if (g) cudaGraphDestroy(g);
@@ -527,7 +590,7 @@ template <typename T, int HD> class Runner final : public Model {
 
   // Logits of every token row, in chunks through the sampling scratch buffer.
   std::vector<float> all_logits(const Shape& sh) {
-    const Launch l{stream_, o_.pdl};
+    const Launch l = launch_config();
     const int h = d_.hidden, chunk = o_.max_seqs;
     std::vector<float> all((size_t)sh.tokens * d_.vocab);
     for (int r0 = 0; r0 < sh.tokens; r0 += chunk) {
@@ -581,7 +644,7 @@ template <typename T, int HD> class Runner final : public Model {
   std::vector<T*> k_cache_, v_cache_;
 
   float* resid_;
-  T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_;
+  T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_, *dequant_ = nullptr;
   float *logits_, *probs_, *part_m_, *part_l_, *part_o_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
   int *counters_, *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;
   int* host_out_i_;
@@ -600,6 +663,10 @@ std::unique_ptr<Model> create_model(const ModelDims& d, const RunnerOptions& o) 
   for (const auto& l : d.layers)
     if (l.head_dim != hd) throw CudaError("the CUDA backend needs one head size for all layers");
   if (d.hidden % 8 || d.layers[0].inter % 8) throw CudaError("the CUDA backend needs hidden and MLP sizes that are multiples of 8");
+  if (d.quant == Quant::Int8 && (d.hidden % 16 || d.layers[0].inter % 16 || (d.layers[0].heads * hd) % 16))
+    throw CudaError("int8 weights on the CUDA backend need layer widths that are multiples of 16");
+  if (d.quant == Quant::Int4 && (d.group % 32 || d.hidden % d.group || d.layers[0].inter % d.group || (d.layers[0].heads * hd) % d.group))
+    throw CudaError("int4 weights on the CUDA backend need a group size that is a multiple of 32 and divides every layer width");
   if (o.max_tokens < o.max_seqs) throw CudaError("max tokens per step must be at least the max sequences per step");
   if (d.dtype == DType::F16) {
     if (hd == 64) return std::make_unique<Runner<half, 64>>(d, o);

@@ -10,6 +10,8 @@
 
 namespace decima {
 
+enum class Quant : int { None = 0, Int8 = 1, Int4 = 2 };
+
 struct LayerDims {
   int heads, kv_heads, head_dim, inter;
 };
@@ -21,6 +23,8 @@ struct ModelDims {
   int max_pos = 2048;
   DType dtype = DType::F16;
   bool tied = false;
+  Quant quant = Quant::None;  // the four linear layers of every decoder layer (src/model/quantize.ts)
+  int group = 128;            // int4 group size (columns)
 };
 
 struct RunnerOptions {

@@ -73,7 +73,8 @@ export function sampleSequence(logits: Float32Array, params: SamplingParams, top
   const logprobs = new Float32Array(logits.length);
   logSoftmax(logprobs, logits);
   const token = nextToken(logits, params);
-  const topTokens = mostLikely(logprobs, topLogprobs);
+  // Ranked by the raw logits (ties: lower id first): the same order as the log-probs, without their rounding.
+  const topTokens = mostLikely(logits, topLogprobs);
   return {
     token,
     logprob: logprobs[token],

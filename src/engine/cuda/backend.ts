@@ -1,6 +1,6 @@
 import { DecimaError, fail } from "../../errors.js";
 import type { ModelConfig } from "../../model/config.js";
-import { type ModelWeights, stepWeightBytes } from "../../model/weights.js";
+import { type LinearWeight, type ModelWeights, stepWeightBytes } from "../../model/weights.js";
 import type { Backend, KvCacheShape, SamplingBatch, StepBatch, StepResult } from "../backend.js";
 import { validateBatch } from "../validate-batch.js";
 import { type NativeAddon, type NativeModel, type NativeStep, cudaDevice } from "./native.js";
@@ -65,6 +65,7 @@ export class CudaBackend implements Backend {
         maxPos: c.maxPositionEmbeddings,
         dtype: weights.dtype as "float16" | "bfloat16",
         tied: c.tieWordEmbeddings,
+        ...quantization(weights),
         blockSize,
         kvBlocks: opts.numBlocks ?? 0,
         kvFraction: opts.kvMemoryFraction ?? 0.9,
@@ -108,24 +109,37 @@ function newModel(addon: NativeAddon, opts: ConstructorParameters<NativeAddon["M
   return new addon.Model(opts);
 }
 
-/** Weights go up one tensor at a time, under the names the native side allocated. */
+/** The storage of the decoder layers' linear layers: one format for all of them (as decima build writes). */
+function quantization(w: ModelWeights): { quant: "none" | "int8" | "int4"; groupSize: number } {
+  const first = w.layers[0].qkv;
+  for (const [i, l] of w.layers.entries()) {
+    for (const m of [l.qkv, l.o, l.gateUp, l.down]) {
+      if (m.format !== first.format) fail("device", `layer ${i}: mixed weight formats (${m.format} and ${first.format}) are not supported on CUDA`);
+      if (m.format !== "dense" && m.scaleDtype !== "float16") fail("device", `layer ${i}: ${m.format} scales must be float16 on CUDA`);
+    }
+  }
+  if (w.lmHead.format !== "dense") fail("device", `the LM head must be 16-bit on CUDA (it is ${w.lmHead.format})`);
+  return { quant: first.format === "dense" ? "none" : first.format, groupSize: first.format === "int4" ? first.groupSize : 128 };
+}
+
+/** Weights go up one tensor at a time, under the names the native side allocated ("<name>.scales" too). */
 function upload(model: NativeModel, w: ModelWeights): void {
   const put = (name: string, layer: number, data: Uint8Array) => nativeCall(() => model.upload(name, layer, data));
-  const dense = (m: ModelWeights["lmHead"], what: string) => {
-    if (m.format !== "dense") fail("device", `${what}: ${m.format} weights are not supported by the CUDA backend yet`);
-    return m.data;
+  const linear = (name: string, layer: number, m: LinearWeight) => {
+    put(name, layer, m.data);
+    if (m.format !== "dense") put(`${name}.scales`, layer, m.scales);
   };
   put("embed", -1, w.embed.data);
   w.layers.forEach((l, i) => {
     put("in_norm", i, l.inputNorm.data);
-    put("qkv", i, dense(l.qkv, `layer ${i} qkv`));
-    put("o", i, dense(l.o, `layer ${i} o`));
+    linear("qkv", i, l.qkv);
+    linear("o", i, l.o);
     put("post_norm", i, l.postNorm.data);
-    put("gate_up", i, dense(l.gateUp, `layer ${i} gate/up`));
-    put("down", i, dense(l.down, `layer ${i} down`));
+    linear("gate_up", i, l.gateUp);
+    linear("down", i, l.down);
   });
   put("norm", -1, w.norm.data);
-  if (!w.config.tieWordEmbeddings) put("lm_head", -1, dense(w.lmHead, "lm head"));
+  if (!w.config.tieWordEmbeddings) linear("lm_head", -1, w.lmHead);
 }
 
 function toNative(b: StepBatch): NativeStep {

@@ -33,6 +33,9 @@ export interface NativeModelOptions {
   maxPos: number;
   dtype: "float16" | "bfloat16";
   tied: boolean;
+  /** How the four linear layers of every decoder layer are stored (src/model/weights.ts). */
+  quant: "none" | "int8" | "int4";
+  groupSize: number;
   blockSize: number;
   kvBlocks: number;
   kvFraction: number;
@@ -42,6 +45,7 @@ export interface NativeModelOptions {
   pdl: boolean;
   /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
   profile: boolean;
+
 }
 
 export interface NativeStep {

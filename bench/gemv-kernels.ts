@@ -1,0 +1,39 @@
+// The decode GEMV kernel alone, on DeciCoder-1b's matrices: microseconds per launch and the bandwidth it
+// reaches, for one and two activation rows, with and without programmatic dependent launch between
+// consecutive launches. Weights rotate over copies larger than L2, and the
+// launches run inside one CUDA graph, as in a decode step. Run on the GPU machine:
+//   node dist/bench/gemv-kernels.js [--dtype bfloat16]
+import { cudaDevice } from "../src/engine/cuda/native.js";
+
+// norm: the product's input is the RMSNorm of the residual stream, built in the kernel's prologue.
+const shapes = [
+  { name: "qkv", rows: 2560, cols: 2048, norm: 1 },
+  { name: "o", rows: 2048, cols: 2048, norm: 0 },
+  { name: "gate/up", rows: 11776, cols: 2048, norm: 1 },
+  { name: "down", rows: 2048, cols: 5888, norm: 0 },
+  { name: "lm head", rows: 49152, cols: 2048, norm: 1 },
+];
+const batches = [1, 2];
+
+const dev = cudaDevice();
+if (!dev.ok) {
+  console.error(`no GPU: ${dev.reason}`);
+  process.exit(1);
+}
+const dtype = process.argv.includes("float16") ? 0 : 1;
+const bandwidth = dev.addon.measureBandwidth(2 ** 30, 10);
+console.log(`${dev.info.name}: read bandwidth ${(bandwidth / 1e9).toFixed(0)} GB/s`);
+console.log(["matrix", "batch", "pdl", "us", "GB/s", "of bw"].map((h) => h.padStart(8)).join(""));
+for (const s of shapes) {
+  const bytes = s.rows * s.cols * 2;
+  const copies = Math.min(32, Math.max(2, Math.ceil(200e6 / bytes)));
+  for (const batch of batches) {
+    for (const pdl of [0, 1]) {
+      const out = dev.addon.testKernel("bench_gemv", {}, { dtype, rows: s.rows, cols: s.cols, batch, copies, iters: 200, pdl, norm: s.norm });
+      const us = new Float32Array(out.us.buffer.slice(out.us.byteOffset, out.us.byteOffset + 4))[0];
+      const gbs = bytes / (us * 1e-6) / 1e9;
+      const cells = [s.name, String(batch), String(pdl), us.toFixed(2), gbs.toFixed(0), `${((gbs * 1e9 * 100) / bandwidth).toFixed(0)}%`];
+      console.log(cells.map((c) => c.padStart(8)).join(""));
+    }
+  }
+}
