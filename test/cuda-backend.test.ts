@@ -4,12 +4,17 @@
 // the 16-bit noise); and the multi-step decode loop (graph replays with on-device token feedback) equal to
 // single steps. Skips where there is no GPU.
 import assert from "node:assert/strict";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import type { Backend } from "../src/engine/backend.js";
 import { CpuBackend } from "../src/engine/cpu/backend.js";
 import { CudaBackend } from "../src/engine/cuda/backend.js";
 import { parseModelConfig } from "../src/model/config.js";
-import { PRESETS, type PresetName, presetConfigJson } from "../src/model/create.js";
+import { buildEngine } from "../src/model/build-engine.js";
+import { PRESETS, type PresetName, createModel, presetConfigJson } from "../src/model/create.js";
+import { readEngine } from "../src/model/engine-file.js";
 import { float32Source, packWeights } from "../src/model/pack.js";
 import { quantizeLayer } from "../src/model/quantize.js";
 import { randomWeights } from "../src/model/random.js";
@@ -125,6 +130,30 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
       assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode");
     });
   }
+
+  test("an engine directory streams from weights.bin to the GPU with the same logits as weights in memory", async () => {
+    const root = await mkdtemp(join(tmpdir(), "decima-cuda-engine-"));
+    try {
+      const { dir } = await createModel({ preset: "decilm-tiny", out: join(root, "model"), seed: 3 });
+      for (const quant of ["none", "int8", "int4"] as const) {
+        const out = join(root, `engine-${quant}`);
+        await buildEngine({ model: dir, out, quant, groupSize: 128 });
+        const fromFile = await Engine.load({ model: out, device: "cuda", numBlocks: 64 });
+        const { weights } = await readEngine(out);
+        const fromMemory = new Engine({ backend: await CudaBackend.create(weights, { numBlocks: 64 }), tokenizer: testTokenizer(), modelId: out });
+        try {
+          const prompt = promptOf(40, 2);
+          const [a, b] = [await fromFile.logits(prompt), await fromMemory.logits(prompt)];
+          a.forEach((row, t) => assert.deepEqual(row, b[t], `${quant}: position ${t}`));
+        } finally {
+          await fromFile.close();
+          await fromMemory.close();
+        }
+      }
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
+  });
 
   test("multi-step decode (graph replays, tokens fed back on the GPU) equals single steps and eager launches", async () => {
     const { cuda } = await backends("tiny", "bfloat16");

@@ -22,7 +22,7 @@ if has tests; then
   node --test --test-reporter=spec dist/test/cuda-kernels.test.js dist/test/cuda-backend.test.js 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^\s*(✔|✖|ℹ)|Error|error" | head -80
 fi
 
-if has parity || has bench || has anchors || has profile || has variants || has quant; then
+if has parity || has bench || has anchors || has profile || has variants || has quant || has serve || has compile; then
   step "create a decicoder-1b-shaped model"
   [ -d $model ] || /usr/bin/time -f "%e s, %M KB" $cli create-model --preset decicoder-1b --out $model
 fi
@@ -65,6 +65,26 @@ if has quant; then
   for q in int8 int4; do
     $cli bench --model /tmp/dc1b-$q --device cuda --batch 1 --prompt-len 128 --gen-len 256 | tail -2 | tee -a "$OUT/bench-quant.txt"
   done
+fi
+
+if has serve; then
+  step "server: concurrent streaming clients (server and load generator in separate processes)"
+  $cli serve --model $model --device cuda --port 8123 > "$OUT/serve.log" 2>&1 &
+  server=$!
+  for i in $(seq 120); do
+    node -e 'fetch("http://127.0.0.1:8123/health").then(r=>process.exit(r.ok?0:1),()=>process.exit(1))' && break
+    sleep 0.5
+  done
+  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 64 --prompt-len 512 --gen-len 128 > /dev/null  # warm-up
+  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 | tee "$OUT/bench-serve.txt"
+  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 --shared-prefix 400 | tee -a "$OUT/bench-serve.txt"
+  kill $server
+  wait $server 2>/dev/null
+fi
+
+if has compile; then
+  step "anchors: torch.compile"
+  python3 bench/torch_anchors.py --model $model --batch 1 --prompt-len 128 --gen-len 256 --compile 2>&1 | grep -v Warning | tail -1 | tee -a "$OUT/anchors.jsonl"
 fi
 
 if has variants; then

@@ -82,7 +82,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
  public:
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "Model",
-                       {InstanceMethod("upload", &NativeModel::Upload), InstanceMethod("step", &NativeModel::Step),
+                       {InstanceMethod("upload", &NativeModel::Upload), InstanceMethod("uploadFile", &NativeModel::UploadFile),
+                        InstanceMethod("step", &NativeModel::Step),
                         InstanceMethod("close", &NativeModel::Close), InstanceAccessor("numBlocks", &NativeModel::NumBlocks, nullptr),
                         InstanceAccessor("description", &NativeModel::Description, nullptr),
                         InstanceAccessor("weights", &NativeModel::Weights, nullptr)});
@@ -138,6 +139,19 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const uint8_t* p = static_cast<const uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset();
     try {
       m.upload(name, layer, p, t.ByteLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value UploadFile(const Napi::CallbackInfo& info) {
+    decima::Model& m = model(info.Env());
+    const std::string name = info[0].As<Napi::String>(), path = info[2].As<Napi::String>();
+    const int layer = info[1].As<Napi::Number>().Int32Value();
+    const size_t offset = (size_t)info[3].As<Napi::Number>().DoubleValue(), bytes = (size_t)info[4].As<Napi::Number>().DoubleValue();
+    try {
+      m.upload_file(name, layer, path, offset, bytes);
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }

@@ -55,11 +55,11 @@ Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool accum
 
 // The heuristic's first choice is often far from the best for decode-sized products (a few rows): time
 // every candidate once on this shape, into scratch output, and keep the fastest. Not possible while a
-// stream is being captured; the model runs each shape eagerly before capturing it.
+// stream is being captured: the model runs each decode shape eagerly, tuning on, before capturing it.
 void Gemm::tune(Plan& p, cudaStream_t stream, const void* w, const void* x, int m, int n, bool y_fp32) {
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing != cudaStreamCaptureStatusNone || p.tuned) return;
+  if (!tuning_ || capturing != cudaStreamCaptureStatusNone || p.tuned) return;
   p.tuned = true;
   cublasLtMatmulPreference_t pref;
   check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");

@@ -19,6 +19,9 @@ class Gemm {
   // Y[M][N] = X[M][K] W[N][K]^T (row-major, as PyTorch's Linear), plus Y when `accumulate`.
   // X and W are `dtype`; Y is fp32 (`y_fp32`, e.g. the residual stream or logits) or `dtype`.
   void run(cudaStream_t stream, DType dtype, const void* w, const void* x, void* y, int m, int n, int k, bool y_fp32, bool accumulate);
+  // Time every candidate algorithm of new shapes (decode steps, before their graph is captured), or take
+  // the heuristic's first choice (prefill: a new token count each time, and the heuristic suits them).
+  void set_tuning(bool on) { tuning_ = on; }
 
  private:
   using Key = std::tuple<int, int, int, int, bool, bool>;
@@ -36,6 +39,7 @@ class Gemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_;
   std::map<Key, Plan> plans_;
+  bool tuning_ = false;
 };
 
 }  // namespace decima

@@ -1,3 +1,7 @@
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -124,6 +128,8 @@ template <typename T, int HD> class Runner final : public Model {
   }
   ~Runner() override {
     for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (cudaEvent_t e : staged_)
+      if (e) cudaEventDestroy(e);
     cudaStreamDestroy(stream_);
   }
 
@@ -138,13 +144,39 @@ template <typename T, int HD> class Runner final : public Model {
   }
 
   void upload(const std::string& name, int layer, const void* data, size_t bytes) override {
-    for (const auto& w : weight_info_) {
-      if (w.name != name || w.layer != layer) continue;
-      if (w.bytes != bytes) throw CudaError("weight " + name + " of layer " + std::to_string(layer) + " has " + std::to_string(bytes) + " bytes, expected " + std::to_string(w.bytes));
-      CUDA_CHECK(cudaMemcpy(weight_ptr_.at(key(name, layer)), data, bytes, cudaMemcpyHostToDevice));
-      return;
+    CUDA_CHECK(cudaMemcpy(weight_slot(name, layer, bytes), data, bytes, cudaMemcpyHostToDevice));
+  }
+
+  void upload_file(const std::string& name, int layer, const std::string& path, size_t offset, size_t bytes) override {
+    char* dst = static_cast<char*>(weight_slot(name, layer, bytes));
+    const int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw CudaError("cannot open " + path + ": " + std::strerror(errno));
+    if (!staging_[0]) {
+      for (int i = 0; i < 2; i++) {
+        staging_[i] = arena_.host<char>(kStagingBytes, "weight staging");
+        CUDA_CHECK(cudaEventCreateWithFlags(&staged_[i], cudaEventDisableTiming));
+      }
     }
-    throw CudaError("unknown weight " + name + " (layer " + std::to_string(layer) + ")");
+    try {
+      for (size_t done = 0, i = 0; done < bytes; i++) {
+        const size_t n = std::min(kStagingBytes, bytes - done);
+        char* buf = staging_[i % 2];
+        CUDA_CHECK(cudaEventSynchronize(staged_[i % 2]));  // its previous copy is done
+        for (size_t got = 0; got < n;) {
+          const ssize_t r = pread(fd, buf + got, n - got, (off_t)(offset + done + got));
+          if (r <= 0) throw CudaError(path + ": short read at byte " + std::to_string(offset + done + got));
+          got += (size_t)r;
+        }
+        CUDA_CHECK(cudaMemcpyAsync(dst + done, buf, n, cudaMemcpyHostToDevice, stream_));
+        CUDA_CHECK(cudaEventRecord(staged_[i % 2], stream_));
+        done += n;
+      }
+      CUDA_CHECK(cudaStreamSynchronize(stream_));
+    } catch (...) {
+      close(fd);
+      throw;
+    }
+    close(fd);
   }
 
   StepOutput step(const StepInput& in) override {
@@ -157,6 +189,16 @@ template <typename T, int HD> class Runner final : public Model {
 
  private:
   // ---- allocation ---------------------------------------------------------------------------------------
+
+  // Where weight `name` of `layer` goes, once its size is checked.
+  void* weight_slot(const std::string& name, int layer, size_t bytes) {
+    for (const auto& w : weight_info_) {
+      if (w.name != name || w.layer != layer) continue;
+      if (w.bytes != bytes) throw CudaError("weight " + name + " of layer " + std::to_string(layer) + " has " + std::to_string(bytes) + " bytes, expected " + std::to_string(w.bytes));
+      return weight_ptr_.at(key(name, layer));
+    }
+    throw CudaError("unknown weight " + name + " (layer " + std::to_string(layer) + ")");
+  }
 
   static std::string key(const std::string& name, int layer) { return name + "#" + std::to_string(layer); }
 
@@ -557,7 +599,9 @@ template <typename T, int HD> class Runner final : public Model {
     if (it != graphs_.end()) return it->second;
     // One eager run first: kernels load, cuBLASLt tunes its shapes (it cannot while capturing). It computes
     // exactly what the first replay recomputes (same K/V slots, same sample), so it changes nothing.
+    gemm_.set_tuning(true);
     forward(sh, top_n);
+    gemm_.set_tuning(false);
     cudaGraph_t g = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
@@ -653,6 +697,9 @@ template <typename T, int HD> class Runner final : public Model {
   uint32_t *dev_in_base_, *host_in_base_;
   InputRegion dev_in_, host_in_;
   std::map<std::pair<int, int>, cudaGraphExec_t> graphs_;
+  static constexpr size_t kStagingBytes = 32u << 20;
+  char* staging_[2] = {nullptr, nullptr};
+  cudaEvent_t staged_[2] = {nullptr, nullptr};
 };
 
 }  // namespace

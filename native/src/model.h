@@ -68,6 +68,9 @@ class Model {
  public:
   virtual ~Model() = default;
   virtual void upload(const std::string& name, int layer, const void* data, size_t bytes) = 0;
+  // The same from a file region (a decima engine's weights.bin): read in pinned chunks, copied while the
+  // next chunk is read, so loading runs at the page cache's pace, not through the JavaScript heap.
+  virtual void upload_file(const std::string& name, int layer, const std::string& path, size_t offset, size_t bytes) = 0;
   virtual StepOutput step(const StepInput& in) = 0;
   virtual int kv_blocks() const = 0;
   virtual std::vector<WeightInfo> weights() const = 0;

@@ -1,6 +1,8 @@
 import { fail } from "../errors.js";
 import type { ModelConfig } from "../model/config.js";
 import type { FloatDType } from "../model/dtype.js";
+import { isEngineDir } from "../model/engine-file.js";
+import { loadWeights } from "../model/model-dir.js";
 import type { ModelWeights } from "../model/weights.js";
 import type { Backend } from "./backend.js";
 import { CpuBackend } from "./cpu/backend.js";
@@ -39,4 +41,18 @@ export function weightDtype(device: "cpu" | "cuda", asked: FloatDType | undefine
 export async function createBackend(weights: ModelWeights, opts: BackendOptions): Promise<Backend> {
   if (opts.device === "cuda") return CudaBackend.create(weights, opts);
   return new CpuBackend(weights, { numBlocks: opts.numBlocks, blockSize: opts.blockSize });
+}
+
+/**
+ * The backend for a model directory (`config` read from it): a decima engine goes to the GPU straight from
+ * its weights file; anything else is loaded (packed, in the weight type for the device) and handed over.
+ */
+export async function loadBackend(dir: string, config: ModelConfig, opts: BackendOptions & { dtype?: FloatDType }): Promise<Backend> {
+  if (opts.device === "cuda" && (await isEngineDir(dir))) {
+    if (opts.dtype !== undefined && opts.dtype !== config.dtype) {
+      fail("input", `${dir}: the engine holds ${config.dtype} weights, ${opts.dtype} was asked for; leave the dtype out or rebuild the engine`);
+    }
+    return CudaBackend.fromEngine(dir, opts);
+  }
+  return createBackend(await loadWeights(dir, config, weightDtype(opts.device, opts.dtype, config)), opts);
 }

@@ -1,9 +1,9 @@
 import type { Backend, StepResult } from "../engine/backend.js";
-import { createBackend, resolveDevice, weightDtype } from "../engine/create-backend.js";
+import { loadBackend, resolveDevice } from "../engine/create-backend.js";
 import { DecimaError, fail } from "../errors.js";
 import type { ModelConfig } from "../model/config.js";
 import type { FloatDType } from "../model/dtype.js";
-import { loadWeights, resolveModel } from "../model/model-dir.js";
+import { resolveModel } from "../model/model-dir.js";
 import { fimPromptIds } from "../tokenizer/fim.js";
 import { Tokenizer } from "../tokenizer/tokenizer.js";
 import { EventChannel } from "./event-channel.js";
@@ -125,10 +125,9 @@ export class Engine {
   static async load(opts: EngineLoadOptions): Promise<Engine> {
     const { dir, config } = await resolveModel(opts.model);
     const tokenizer = await Tokenizer.load(dir);
-    const device = resolveDevice(opts.device ?? "auto");
-    const weights = await loadWeights(dir, config, weightDtype(device, opts.dtype, config));
-    const backend = await createBackend(weights, {
-      device,
+    const backend = await loadBackend(dir, config, {
+      device: resolveDevice(opts.device ?? "auto"),
+      dtype: opts.dtype,
       maxBatchTokens: opts.maxBatchTokens,
       maxBatchSeqs: opts.maxBatchSeqs,
       numBlocks: opts.numBlocks,

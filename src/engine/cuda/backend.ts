@@ -1,5 +1,6 @@
 import { DecimaError, fail } from "../../errors.js";
 import type { ModelConfig } from "../../model/config.js";
+import { type EngineTensor, readEngineManifest } from "../../model/engine-file.js";
 import { type LinearWeight, type ModelWeights, stepWeightBytes } from "../../model/weights.js";
 import type { Backend, KvCacheShape, SamplingBatch, StepBatch, StepResult } from "../backend.js";
 import { validateBatch } from "../validate-batch.js";
@@ -47,11 +48,42 @@ export class CudaBackend implements Backend {
     this.maxBatchSeqs = limits.seqs;
   }
 
+  /** A backend for weights in memory (packed from a checkpoint, or an engine read by the CPU path). */
   static async create(weights: ModelWeights, opts: CudaBackendOptions = {}): Promise<CudaBackend> {
+    if (weights.dtype === "float32") fail("device", "the CUDA backend runs float16 or bfloat16 weights, not float32");
+    const layout = { config: weights.config, dtype: weights.dtype, ...quantization(weights), weightBytes: stepWeightBytes(weights) };
+    return CudaBackend.open(layout, opts, (model) => upload(model, weights));
+  }
+
+  /**
+   * A backend for a decima engine directory: the weights go from weights.bin to the GPU through pinned
+   * buffers in the native addon, never through the JavaScript heap (the engine's point: load fast).
+   */
+  static async fromEngine(dir: string, opts: CudaBackendOptions = {}): Promise<CudaBackend> {
+    const info = await readEngineManifest(dir);
+    const { manifest } = info;
+    const layout = {
+      config: info.config,
+      dtype: manifest.dtype,
+      quant: manifest.quant.kind,
+      groupSize: manifest.quant.groupSize ?? 128,
+      weightBytes: manifest.tensors.reduce((n, t) => n + (t.name === "embed" && !info.config.tieWordEmbeddings ? 0 : regionBytes(t)), 0),
+    };
+    return CudaBackend.open(layout, opts, (model) => {
+      for (const t of manifest.tensors) {
+        const [name, layer] = nativeName(t.name);
+        nativeCall(() => model.uploadFile(name, layer, info.weightsPath, t.offset, t.bytes));
+        if (t.format === "int8" || t.format === "int4") {
+          nativeCall(() => model.uploadFile(`${name}.scales`, layer, info.weightsPath, t.scalesOffset, t.scalesBytes));
+        }
+      }
+    });
+  }
+
+  private static async open(layout: WeightLayout, opts: CudaBackendOptions, fill: (model: NativeModel) => void): Promise<CudaBackend> {
     const dev = cudaDevice();
     if (!dev.ok) fail("device", `the CUDA backend is unavailable: ${dev.reason}`);
-    if (weights.dtype === "float32") fail("device", "the CUDA backend runs float16 or bfloat16 weights, not float32");
-    const c = weights.config;
+    const c = layout.config;
     const blockSize = opts.blockSize ?? 16;
     const limits = { tokens: opts.maxBatchTokens ?? 2048, seqs: opts.maxBatchSeqs ?? 256 };
     const model = nativeCall(() =>
@@ -63,9 +95,10 @@ export class CudaBackend implements Backend {
         ropeTheta: c.rope.theta,
         ropeFactor: c.rope.linearFactor,
         maxPos: c.maxPositionEmbeddings,
-        dtype: weights.dtype as "float16" | "bfloat16",
+        dtype: layout.dtype,
         tied: c.tieWordEmbeddings,
-        ...quantization(weights),
+        quant: layout.quant,
+        groupSize: layout.groupSize,
         blockSize,
         kvBlocks: opts.numBlocks ?? 0,
         kvFraction: opts.kvMemoryFraction ?? 0.9,
@@ -77,12 +110,12 @@ export class CudaBackend implements Backend {
       }),
     );
     try {
-      upload(model, weights);
+      fill(model);
     } catch (err) {
       model.close();
       throw err;
     }
-    return new CudaBackend(c, stepWeightBytes(weights), model, blockSize, limits);
+    return new CudaBackend(c, layout.weightBytes, model, blockSize, limits);
   }
 
   async step(batch: StepBatch): Promise<StepResult> {
@@ -105,12 +138,44 @@ export class CudaBackend implements Backend {
   }
 }
 
+/** What the native model is built for: the architecture, how its weights are stored, what a step reads. */
+interface WeightLayout {
+  config: ModelConfig;
+  dtype: "float16" | "bfloat16";
+  quant: "none" | "int8" | "int4";
+  groupSize: number;
+  weightBytes: number;
+}
+
+/** An engine tensor's name ("layers.3.gateUp") as the native side names it ("gate_up", layer 3). */
+function nativeName(engineName: string): [string, number] {
+  const names: Record<string, string> = {
+    embed: "embed",
+    norm: "norm",
+    lmHead: "lm_head",
+    inputNorm: "in_norm",
+    qkv: "qkv",
+    o: "o",
+    postNorm: "post_norm",
+    gateUp: "gate_up",
+    down: "down",
+  };
+  const m = /^layers\.(\d+)\.(\w+)$/.exec(engineName);
+  const [part, layer] = m ? [m[2], Number(m[1])] : [engineName, -1];
+  if (!(part in names)) fail("engine", `engine tensor ${engineName} is unknown to the CUDA backend`);
+  return [names[part], layer];
+}
+
+function regionBytes(t: EngineTensor): number {
+  return t.bytes + (t.format === "int8" || t.format === "int4" ? t.scalesBytes : 0);
+}
+
 function newModel(addon: NativeAddon, opts: ConstructorParameters<NativeAddon["Model"]>[0]): NativeModel {
   return new addon.Model(opts);
 }
 
 /** The storage of the decoder layers' linear layers: one format for all of them (as decima build writes). */
-function quantization(w: ModelWeights): { quant: "none" | "int8" | "int4"; groupSize: number } {
+function quantization(w: ModelWeights): Pick<WeightLayout, "quant" | "groupSize"> {
   const first = w.layers[0].qkv;
   for (const [i, l] of w.layers.entries()) {
     for (const m of [l.qkv, l.o, l.gateUp, l.down]) {

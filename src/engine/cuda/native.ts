@@ -85,6 +85,8 @@ export interface NativeModel {
   readonly description: string;
   readonly weights: { name: string; layer: number; bytes: number }[];
   upload(name: string, layer: number, data: Uint8Array): void;
+  /** The same from bytes [offset, offset + bytes) of a file. */
+  uploadFile(name: string, layer: number, path: string, offset: number, bytes: number): void;
   step(input: NativeStep): Promise<NativeStepResult>;
   close(): void;
 }
