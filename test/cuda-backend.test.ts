@@ -137,7 +137,7 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
       const { dir } = await createModel({ preset: "decilm-tiny", out: join(root, "model"), seed: 3 });
       for (const quant of ["none", "int8", "int4"] as const) {
         const out = join(root, `engine-${quant}`);
-        await buildEngine({ model: dir, out, quant, groupSize: 128 });
+        await buildEngine({ model: dir, out, quant, ...(quant === "int4" ? { groupSize: 128 } : {}) });
         const fromFile = await Engine.load({ model: out, device: "cuda", numBlocks: 64 });
         const { weights } = await readEngine(out);
         const fromMemory = new Engine({ backend: await CudaBackend.create(weights, { numBlocks: 64 }), tokenizer: testTokenizer(), modelId: out });

@@ -83,7 +83,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "Model",
                        {InstanceMethod("upload", &NativeModel::Upload), InstanceMethod("uploadFile", &NativeModel::UploadFile),
-                        InstanceMethod("step", &NativeModel::Step),
+                        InstanceMethod("step", &NativeModel::Step), InstanceMethod("warmup", &NativeModel::Warmup),
                         InstanceMethod("close", &NativeModel::Close), InstanceAccessor("numBlocks", &NativeModel::NumBlocks, nullptr),
                         InstanceAccessor("description", &NativeModel::Description, nullptr),
                         InstanceAccessor("weights", &NativeModel::Weights, nullptr)});
@@ -152,6 +152,16 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const size_t offset = (size_t)info[3].As<Napi::Number>().DoubleValue(), bytes = (size_t)info[4].As<Napi::Number>().DoubleValue();
     try {
       m.upload_file(name, layer, path, offset, bytes);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Warmup(const Napi::CallbackInfo& info) {
+    decima::Model& m = model(info.Env());
+    try {
+      m.warmup();
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }

@@ -179,6 +179,32 @@ template <typename T, int HD> class Runner final : public Model {
     close(fd);
   }
 
+  void warmup() override {
+    for (const int len : {16, 1}) {
+      StepInput in;
+      in.num_tokens = len;
+      in.num_seqs = 1;
+      in.table_width = 1;
+      in.tokens.assign(len, 0);
+      in.query_starts = {0, len};
+      in.context_lens = {std::min(len, o_.block_size)};
+      if (len > o_.block_size) throw CudaError("warm-up: block size under 16");
+      in.block_tables = {0};
+      in.sample = {1};
+      in.temperature = {0.f};
+      in.top_k = {0};
+      in.top_p = {1.f};
+      in.min_p = {0.f};
+      in.repetition = {1.f};
+      in.frequency = {0.f};
+      in.presence = {0.f};
+      in.seed = {0};
+      in.counter = {0};
+      in.pen_starts = {0, 0};
+      step(in);
+    }
+  }
+
   StepOutput step(const StepInput& in) override {
     validate(in);
     const bool decode_only = in.num_tokens == in.num_seqs && all_single(in);

@@ -85,7 +85,8 @@ export async function createModel(options: CreateModelOptions): Promise<{ dir: s
   await mkdir(dirname(out), { recursive: true });
   await writeAtomically(out, async (tmp) => {
     await mkdir(tmp);
-    const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles();
+    // The tokenizer covers the whole model vocabulary (its BPE part is small): every generated id is text.
+    const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles({ vocabSize: preset.vocabSize });
     await writeJson(join(tmp, "config.json"), configJson);
     await writeJson(join(tmp, "generation_config.json"), generationConfigJson());
     await writeJson(join(tmp, "tokenizer.json"), tokenizerJson);

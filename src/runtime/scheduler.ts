@@ -6,7 +6,7 @@ import { usesPenalties } from "./sampling-params.js";
 import type { Sequence } from "./sequence.js";
 
 export interface SchedulerOptions {
-  /** The most new tokens in one step, decodes and prefill chunks together (default 2048). */
+  /** The most new tokens in one step, decodes and prefill chunks together (default: the backend's limit, or 2048). */
   maxBatchTokens?: number;
   /** The most sequences in one step (default 256). */
   maxBatchSeqs?: number;
@@ -54,7 +54,9 @@ export class Scheduler {
     opts: SchedulerOptions = {},
     limits: { maxBatchTokens: number; maxBatchSeqs: number; maxSteps: number } = { maxBatchTokens: Infinity, maxBatchSeqs: Infinity, maxSteps: 1 },
   ) {
-    this.maxBatchTokens = Math.min(positiveInt("maxBatchTokens", opts.maxBatchTokens ?? 2048), limits.maxBatchTokens);
+    // By default a step takes as many tokens as the backend is sized for (2048 where it has no limit).
+    const tokens = opts.maxBatchTokens ?? (Number.isFinite(limits.maxBatchTokens) ? limits.maxBatchTokens : 2048);
+    this.maxBatchTokens = Math.min(positiveInt("maxBatchTokens", tokens), limits.maxBatchTokens);
     this.maxBatchSeqs = Math.min(positiveInt("maxBatchSeqs", opts.maxBatchSeqs ?? 256), limits.maxBatchSeqs);
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);

@@ -51,9 +51,23 @@ export interface TokenizerFiles {
   tokenizerConfig: object;
 }
 
-export function buildTokenizerFiles(): TokenizerFiles {
+export function buildTokenizerFiles(opts: { vocabSize?: number } = {}): TokenizerFiles {
   const { vocab, merges } = trainBpe(CORPUS, BUILT_VOCAB_SIZE);
-  return { tokenizerJson: tokenizerJson(vocab, merges), tokenizerConfig: tokenizerConfig() };
+  return { tokenizerJson: tokenizerJson(withFillers(vocab, opts.vocabSize ?? vocab.length), merges), tokenizerConfig: tokenizerConfig() };
+}
+
+/**
+ * Pad the vocabulary to a model's size with tokens no merge produces (" t1a", " t1b", ...): encoding is
+ * unchanged, and every id a random test model can generate decodes to text, as with a real checkpoint.
+ */
+function withFillers(vocab: string[], size: number): string[] {
+  const out = [...vocab];
+  const taken = new Set(vocab);
+  for (let i = 0; out.length < size; i++) {
+    const token = `\u0120t${i.toString(36)}`; // Ġ: the byte-level alphabet's space
+    if (!taken.has(token)) out.push(token);
+  }
+  return out;
 }
 
 function tokenizerJson(vocab: string[], merges: string[]): object {

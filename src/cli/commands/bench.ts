@@ -50,7 +50,7 @@ export function register(program: Command): void {
         model: opts.model,
         device: opts.device,
         dtype: opts.dtype,
-        maxBatchTokens: Math.max(2048, Math.max(...batches)),
+        maxBatchTokens: Math.max(4096, ...batches),
         maxBatchSeqs: Math.max(256, Math.max(...batches)),
         decodeSteps: opts.decodeSteps,
       });

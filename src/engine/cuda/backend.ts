@@ -12,7 +12,7 @@ export interface CudaBackendOptions {
   blockSize?: number;
   /** Fraction of the GPU memory left after weights and workspace that the KV pool takes (default 0.9). */
   kvMemoryFraction?: number;
-  /** Most tokens in one step (prefill chunks plus decodes); sizes the workspace. */
+  /** Most tokens in one step (prefill chunks plus decodes; default 4096); sizes the workspace. */
   maxBatchTokens?: number;
   /** Most sequences in one step. */
   maxBatchSeqs?: number;
@@ -85,7 +85,8 @@ export class CudaBackend implements Backend {
     if (!dev.ok) fail("device", `the CUDA backend is unavailable: ${dev.reason}`);
     const c = layout.config;
     const blockSize = opts.blockSize ?? 16;
-    const limits = { tokens: opts.maxBatchTokens ?? 2048, seqs: opts.maxBatchSeqs ?? 256 };
+    // 4096 tokens a step: prefill in large chunks (time to first token under load), 240 MB of workspace.
+    const limits = { tokens: opts.maxBatchTokens ?? 4096, seqs: opts.maxBatchSeqs ?? 256 };
     const model = nativeCall(() =>
       newModel(dev.addon, {
         vocab: c.vocabSize,
@@ -111,6 +112,7 @@ export class CudaBackend implements Backend {
     );
     try {
       fill(model);
+      nativeCall(() => model.warmup());
     } catch (err) {
       model.close();
       throw err;
