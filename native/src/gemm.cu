@@ -39,18 +39,24 @@ Gemm::Plan& Gemm::plan(DType dtype, int m, int n, int k, bool y_fp32, bool accum
   check_lt(cublasLtMatrixLayoutCreate(&p.a, ab, k, n, k), "layout A");
   check_lt(cublasLtMatrixLayoutCreate(&p.b, ab, k, m, k), "layout B");
   check_lt(cublasLtMatrixLayoutCreate(&p.c, cd, n, m, n), "layout C");
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  const int found = candidates(p, results);
+  if (found == 0) throw CudaError("cuBLASLt has no algorithm for a " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " product");
+  p.algo = results[0].algo;
+  return plans_.emplace(key, p).first->second;
+}
+
+// cuBLASLt's algorithms for a plan, best guess first.
+int Gemm::candidates(const Plan& p, cublasLtMatmulHeuristicResult_t (&results)[kCandidates]) {
   cublasLtMatmulPreference_t pref;
   check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
   check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)),
            "workspace");
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, kCandidates, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   check_lt(s, "heuristic");
-  if (found == 0) throw CudaError("cuBLASLt has no algorithm for a " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " product");
-  p.algo = results[0].algo;
-  return plans_.emplace(key, p).first->second;
+  return found;
 }
 
 // The heuristic's first choice is often far from the best for decode-sized products (a few rows): time
@@ -61,14 +67,8 @@ void Gemm::tune(Plan& p, cudaStream_t stream, const void* w, const void* x, int 
   CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
   if (!tuning_ || capturing != cudaStreamCaptureStatusNone || p.tuned) return;
   p.tuned = true;
-  cublasLtMatmulPreference_t pref;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)),
-           "workspace");
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
-  int found = 0;
-  cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, kCandidates, results, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
+  const int found = candidates(p, results);
   const size_t bytes = (size_t)m * n * (y_fp32 ? 4 : 2);
   void* scratch = nullptr;
   CUDA_CHECK(cudaMalloc(&scratch, bytes));

@@ -34,6 +34,7 @@ class Gemm {
   };
   Plan& plan(DType dtype, int m, int n, int k, bool y_fp32, bool accumulate);
   void tune(Plan& p, cudaStream_t stream, const void* w, const void* x, int m, int n, bool y_fp32);
+  int candidates(const Plan& p, cublasLtMatmulHeuristicResult_t (&results)[kCandidates]);
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { copyFile, mkdir, readFile, readdir, stat, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fail, oneLine } from "../errors.js";
@@ -17,7 +17,7 @@ import {
   isEngineDir,
   writeEngineWeights,
 } from "./engine-file.js";
-import { exists, readJson, writeAtomically } from "./files.js";
+import { checkOutDir, exists, readJson, writeAtomically } from "./files.js";
 import { loadWeights, resolveModel } from "./model-dir.js";
 import { DEFAULT_GROUP_SIZE, type QuantKind, type Quantization, checkQuantization, quantizeLayer } from "./quantize.js";
 
@@ -152,17 +152,6 @@ async function describeFile(dir: string, name: string): Promise<SourceFile> {
   return { name, bytes, sha256: hash.digest("hex") };
 }
 
-async function checkOutDir(out: string): Promise<void> {
-  let entries: string[];
-  try {
-    entries = await readdir(out);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") return;
-    fail("input", code === "ENOTDIR" ? `${out}: is a file` : `${out}: ${oneLine(err)}`, err);
-  }
-  if (entries.length > 0) fail("input", `${out}: already exists and is not empty`);
-}
 
 /** This package's version, for the manifest (the compiled file sits at dist/src/model/). */
 async function decimaVersion(): Promise<string> {

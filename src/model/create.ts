@@ -1,11 +1,11 @@
-import { mkdir, readdir, writeFile } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
-import { fail, oneLine } from "../errors.js";
+import { fail } from "../errors.js";
 import { buildTokenizerFiles } from "../tokenizer/build.js";
 import { SAFETENSORS_FILE, SAFETENSORS_INDEX } from "./checkpoint.js";
 import { type ModelConfig, parseModelConfig } from "./config.js";
 import { type FloatDType, fromFloat32, isFloatDType } from "./dtype.js";
-import { writeAtomically } from "./files.js";
+import { checkOutDir, writeAtomically } from "./files.js";
 import { type TensorDraw, randomDraws } from "./random.js";
 import { type TensorToWrite, safetensorsDType, tensorBytes, writeSafetensors } from "./safetensors.js";
 
@@ -111,17 +111,6 @@ function checkOptions(o: CreateModelOptions) {
   return { preset: PRESETS[o.preset] as Preset, seed, dtype, shardBytes };
 }
 
-async function checkOutDir(out: string): Promise<void> {
-  let entries: string[];
-  try {
-    entries = await readdir(out);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") return;
-    fail("input", code === "ENOTDIR" ? `${out}: is a file` : `${out}: ${oneLine(err)}`, err);
-  }
-  if (entries.length > 0) fail("input", `${out}: already exists and is not empty`);
-}
 
 /** config.json as DeciCoder-1b (or DeciLM) publishes it, keys sorted as transformers writes them. */
 export function presetConfigJson(preset: Preset, dtype: FloatDType): Record<string, unknown> {

@@ -5,7 +5,7 @@ import { z } from "zod";
 import { fail, oneLine } from "../errors.js";
 import { type ModelConfig, parseModelConfig, qkvRows } from "./config.js";
 import { type FloatDType, bytesPerElement } from "./dtype.js";
-import { exists, readJson } from "./files.js";
+import { exists, readAt, readJson, writeAt } from "./files.js";
 import type { DenseMatrix, LayerWeights, LinearWeight, ModelWeights, Vector } from "./weights.js";
 
 /**
@@ -24,8 +24,6 @@ export const ENGINE_VERSION = 1;
 /** Every region of weights.bin starts at a multiple of this, so GPU copies and mapped views are aligned. */
 export const ALIGNMENT = 256;
 
-/** One read(2) or write(2) moves at most 2 GiB; larger regions go in pieces. */
-const MAX_IO_BYTES = 1 << 30;
 
 /** A tensor as ModelWeights holds it. */
 export type StoredTensor = Vector | LinearWeight;
@@ -117,11 +115,7 @@ export async function writeEngineWeights(
   let end = 0;
   const put = async (bytes: Uint8Array): Promise<number> => {
     const offset = alignUp(end);
-    for (let done = 0; done < bytes.byteLength; ) {
-      const chunk = Math.min(bytes.byteLength - done, MAX_IO_BYTES);
-      done += (await fh.write(bytes, done, chunk, offset + done)).bytesWritten;
-    }
-    end = offset + bytes.byteLength;
+    end = await writeAt(fh, bytes, offset);
     return offset;
   };
   try {
@@ -308,7 +302,7 @@ function checkLayout(tensors: EngineTensor[], fileBytes: number, weightsPath: st
 }
 
 async function readTensor(fh: FileHandle, path: string, t: EngineTensor): Promise<StoredTensor> {
-  const [data, scales] = await Promise.all(regionsOf(t).map((r) => readRegion(fh, path, r.offset, r.bytes)));
+  const [data, scales] = await Promise.all(regionsOf(t).map((r) => readAt(fh, path, r.offset, r.bytes, "engine")));
   switch (t.format) {
     case "vector":
       return { dtype: t.dtype, length: t.length, data };
@@ -361,13 +355,3 @@ async function fileSize(path: string): Promise<number> {
   }
 }
 
-async function readRegion(fh: FileHandle, path: string, position: number, length: number): Promise<Uint8Array> {
-  const out = new Uint8Array(length);
-  for (let done = 0; done < length; ) {
-    const chunk = Math.min(length - done, MAX_IO_BYTES);
-    const { bytesRead } = await fh.read(out, done, chunk, position + done);
-    if (bytesRead === 0) fail("engine", `${path}: ended at byte ${position + done}; the file shrank while being read`);
-    done += bytesRead;
-  }
-  return out;
-}

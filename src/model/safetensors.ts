@@ -2,7 +2,7 @@ import { type FileHandle, open } from "node:fs/promises";
 import { z } from "zod";
 import { fail, oneLine } from "../errors.js";
 import type { FloatDType } from "./dtype.js";
-import { writeAtomically } from "./files.js";
+import { readAt, writeAt, writeAtomically } from "./files.js";
 
 /**
  * The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
@@ -38,8 +38,6 @@ export interface TensorInfo {
 
 /** The reference implementation's limit: a larger header means the file is not safetensors. */
 const MAX_HEADER_BYTES = 100_000_000;
-/** One read(2) or write(2) moves at most 2 GiB; larger tensors go in pieces. */
-const MAX_IO_BYTES = 1 << 30;
 
 const count = z.number().int().nonnegative();
 const entrySchema = z.object({
@@ -79,7 +77,7 @@ export class SafetensorsFile {
   async read(name: string): Promise<Uint8Array> {
     const t = this.tensors.get(name);
     if (!t) fail("checkpoint", `${this.path}: tensor ${name} is missing`);
-    return readAt(this.fh, this.path, t.offset, t.byteLength);
+    return readAt(this.fh, this.path, t.offset, t.byteLength, "checkpoint");
   }
 
   async close(): Promise<void> {
@@ -90,7 +88,7 @@ export class SafetensorsFile {
 async function readHeader(fh: FileHandle, path: string) {
   const { size } = await fh.stat();
   if (size < 8) fail("checkpoint", `${path}: ${size} bytes, too short for a safetensors header`);
-  const headerLength = Buffer.from(await readAt(fh, path, 0, 8)).readBigUInt64LE(0);
+  const headerLength = Buffer.from(await readAt(fh, path, 0, 8, "checkpoint")).readBigUInt64LE(0);
   if (headerLength > BigInt(MAX_HEADER_BYTES)) {
     fail("checkpoint", `${path}: header length ${headerLength} is over ${MAX_HEADER_BYTES} bytes; not a safetensors file`);
   }
@@ -98,7 +96,7 @@ async function readHeader(fh: FileHandle, path: string) {
   if (dataStart > size) {
     fail("checkpoint", `${path}: header length ${headerLength} runs past the end of the file (${size} bytes)`);
   }
-  const header = parseHeaderJson(await readAt(fh, path, 8, dataStart - 8), path);
+  const header = parseHeaderJson(await readAt(fh, path, 8, dataStart - 8, "checkpoint"), path);
   return parseEntries(header, path, dataStart, size - dataStart);
 }
 
@@ -169,16 +167,6 @@ function checkOverlaps(ranges: { name: string; begin: number; end: number }[], p
   }
 }
 
-async function readAt(fh: FileHandle, path: string, position: number, length: number): Promise<Uint8Array> {
-  const out = new Uint8Array(length);
-  for (let done = 0; done < length; ) {
-    const chunk = Math.min(length - done, MAX_IO_BYTES);
-    const { bytesRead } = await fh.read(out, done, chunk, position + done);
-    if (bytesRead === 0) fail("checkpoint", `${path}: ended at byte ${position + done}; the file shrank while being read`);
-    done += bytesRead;
-  }
-  return out;
-}
 
 export interface TensorToWrite {
   name: string;
@@ -205,11 +193,11 @@ export async function writeSafetensors(
   await writeAtomically(path, async (tmp) => {
     const fh = await open(tmp, "wx");
     try {
-      let position = await writeAll(fh, header, 0);
+      let position = await writeAt(fh, header, 0);
       for (const t of tensors) {
         const start = position;
         for await (const piece of typeof t.data === "function" ? t.data() : [t.data]) {
-          position = await writeAll(fh, piece, position);
+          position = await writeAt(fh, piece, position);
         }
         const needed = tensorBytes(t);
         if (position - start !== needed) {
@@ -251,10 +239,3 @@ function encodeHeader(tensors: TensorToWrite[], metadata: Record<string, string>
   return out;
 }
 
-async function writeAll(fh: FileHandle, data: Uint8Array, position: number): Promise<number> {
-  for (let done = 0; done < data.byteLength; ) {
-    const { bytesWritten } = await fh.write(data, done, Math.min(data.byteLength - done, MAX_IO_BYTES), position + done);
-    done += bytesWritten;
-  }
-  return position + data.byteLength;
-}
