@@ -102,8 +102,8 @@ fi
 
 if has profile; then
   step "per-kernel profile (eager launches, events between kernels)"
-  for b in 1 8 32; do
-    DECIMA_PROFILE=1 $cli bench --model $model --device cuda --batch $b --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -25
+  for b in 1 32; do
+    DECIMA_PROFILE=1 $cli bench --model $model --device cuda --batch $b --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -22 | tee -a "$OUT/profile.txt"
   done
 fi
 
