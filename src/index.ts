@@ -18,3 +18,4 @@ export { Tokenizer } from "./tokenizer/tokenizer.js";
 export { DecimaError, type ErrorKind } from "./errors.js";
 export { parseModelConfig, type ModelConfig } from "./model/config.js";
 export { createModel, type CreateModelOptions } from "./model/create.js";
+export { buildServer, type ServerOptions } from "./server/app.js";
