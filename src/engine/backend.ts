@@ -62,6 +62,18 @@ export interface StepBatch {
   steps?: number;
 }
 
+/** One sequence's sampling rule, as the runtime and the CPU sampler hold it (SamplingBatch says what each means). */
+export interface SamplingKnobs {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  seed: number;
+}
+
 /**
  * Per-sequence sampling parameters, as parallel arrays (one entry per sequence). The sampling rule is
  * specified by the CPU backend's sampler (src/engine/cpu/sampler.ts), which the GPU kernel follows.

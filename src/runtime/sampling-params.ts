@@ -1,3 +1,4 @@
+import type { SamplingKnobs } from "../engine/backend.js";
 import { randomInt } from "node:crypto";
 import { z } from "zod";
 import { fail } from "../errors.js";
@@ -26,15 +27,7 @@ export interface SamplingOptions {
 }
 
 /** Validated options with every default filled in. */
-export interface SamplingParams {
-  temperature: number;
-  topK: number;
-  topP: number;
-  minP: number;
-  repetitionPenalty: number;
-  frequencyPenalty: number;
-  presencePenalty: number;
-  seed: number;
+export interface SamplingParams extends SamplingKnobs {
   maxTokens: number;
   stop: string[];
   stopTokenIds: number[];

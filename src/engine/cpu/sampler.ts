@@ -1,4 +1,4 @@
-import type { SamplingBatch } from "../backend.js";
+import type { SamplingBatch, SamplingKnobs } from "../backend.js";
 import { uniformDraw } from "../sampling-rng.js";
 import { argmax, logSoftmax, softmax } from "./ops.js";
 
@@ -28,15 +28,7 @@ import { argmax, logSoftmax, softmax } from "./ops.js";
  */
 
 /** One sequence's sampling parameters: its entries of a SamplingBatch. */
-export interface SamplingParams {
-  temperature: number;
-  topK: number;
-  topP: number;
-  minP: number;
-  repetitionPenalty: number;
-  frequencyPenalty: number;
-  presencePenalty: number;
-  seed: number;
+export interface SamplingParams extends SamplingKnobs {
   counter: number;
   /** The tokens the penalties see: the prompt's first, then the generated ones. */
   history: Int32Array;

@@ -1,3 +1,4 @@
+import type { SamplingBatch, StepBatch } from "../backend.js";
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
@@ -48,22 +49,10 @@ export interface NativeModelOptions {
 
 }
 
-export interface NativeStep {
-  tokens: Int32Array;
-  queryStarts: Int32Array;
-  contextLens: Int32Array;
-  blockTables: Int32Array;
-  blockTableWidth: number;
-  sample: Uint8Array;
-  temperature: Float32Array;
-  topK: Int32Array;
-  topP: Float32Array;
-  minP: Float32Array;
-  repetitionPenalty: Float32Array;
-  frequencyPenalty: Float32Array;
-  presencePenalty: Float32Array;
-  seed: Uint32Array;
-  counter: Uint32Array;
+/** A step as the addon takes it: the batch's arrays, with the penalties' history as distinct tokens. */
+export interface NativeStep
+  extends Pick<StepBatch, "tokens" | "queryStarts" | "contextLens" | "blockTables" | "blockTableWidth" | "sample">,
+    Pick<SamplingBatch, "temperature" | "topK" | "topP" | "minP" | "repetitionPenalty" | "frequencyPenalty" | "presencePenalty" | "seed" | "counter"> {
   penaltyStarts: Int32Array;
   penaltyTokens: Int32Array;
   penaltyCounts: Int32Array;
