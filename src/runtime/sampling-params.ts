@@ -1,7 +1,7 @@
-import type { SamplingKnobs } from "../engine/backend.js";
 import { randomInt } from "node:crypto";
 import { z } from "zod";
 import { fail } from "../errors.js";
+import type { SamplingKnobs } from "../engine/backend.js";
 
 /** The generation options a caller may give (all optional), as the engine API and the server take them. */
 export interface SamplingOptions {

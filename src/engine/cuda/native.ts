@@ -1,7 +1,7 @@
-import type { SamplingBatch, StepBatch } from "../backend.js";
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
+import type { SamplingBatch, StepBatch } from "../backend.js";
 
 /** The N-API addon built from native/ (see scripts/build-native.mjs), as TypeScript sees it. */
 export interface NativeAddon {
