@@ -32,13 +32,13 @@ export function resolveDevice(choice: DeviceChoice): "cpu" | "cuda" {
  * The storage type to load weights in: as asked, else the checkpoint's own. The GPU runs 16-bit weights
  * (bfloat16 for fp32 checkpoints); the CPU does fp32 math whatever the storage.
  */
-export function weightDtype(device: "cpu" | "cuda", asked: FloatDType | undefined, config: ModelConfig): FloatDType | undefined {
+function weightDtype(device: "cpu" | "cuda", asked: FloatDType | undefined, config: ModelConfig): FloatDType | undefined {
   if (device === "cpu") return asked;
   if (asked === "float32") fail("input", "--dtype float32 is not supported on the CUDA backend (use float16 or bfloat16)");
   return asked ?? (config.dtype === "float16" || config.dtype === "bfloat16" ? config.dtype : "bfloat16");
 }
 
-export async function createBackend(weights: ModelWeights, opts: BackendOptions): Promise<Backend> {
+async function createBackend(weights: ModelWeights, opts: BackendOptions): Promise<Backend> {
   if (opts.device === "cuda") return CudaBackend.create(weights, opts);
   return new CpuBackend(weights, { numBlocks: opts.numBlocks, blockSize: opts.blockSize });
 }

@@ -54,7 +54,7 @@ export async function checkOutDir(out: string): Promise<void> {
 }
 
 /** Positioned reads stay under 1 GiB each (Node refuses larger single reads). */
-export const MAX_IO_BYTES = 1 << 30;
+const MAX_IO_BYTES = 1 << 30;
 
 /** Bytes [position, position + length) of an open file, into a fresh array; a short file is an error of `kind`. */
 export async function readAt(fh: FileHandle, path: string, position: number, length: number, kind: ErrorKind): Promise<Uint8Array> {

@@ -23,7 +23,7 @@ export async function resolveModel(spec: string, options?: DownloadOptions): Pro
 }
 
 /** An engine directory's config is the one in engine.json, with the engine's storage type as its dtype. */
-export async function readModelConfig(dir: string): Promise<ModelConfig> {
+async function readModelConfig(dir: string): Promise<ModelConfig> {
   if (await isEngineDir(dir)) return (await readEngineManifest(dir)).config;
   const file = join(dir, "config.json");
   return parseModelConfig(await readJson(file, "config"), file);

@@ -87,7 +87,7 @@ export type NativeLoad = { addon: NativeAddon; reason: null } | { addon: null; r
 let loaded: NativeLoad | undefined;
 
 /** The addon, or why it cannot be used here (not built, or its libraries are missing). Loaded once. */
-export function loadNative(): NativeLoad {
+function loadNative(): NativeLoad {
   if (loaded) return loaded;
   const path = process.env.DECIMA_NATIVE ?? fileURLToPath(new URL("../../../../build/native/decima.node", import.meta.url));
   if (!existsSync(path)) {
