@@ -12,7 +12,10 @@ describe("bench-serve's load", () => {
     const { engine } = await tinyEngine({ blockSize: 16 });
     const server = await startServer(engine, { apiKey: "k" });
     try {
-      const report = await runLoad({ url: server.url, apiKey: "k", clients: 4, requests: 10, promptLen: 40, genLen: 6, sharedPrefix: 32, sampleEveryS: 0.05 });
+      const load = { url: server.url, apiKey: "k", clients: 4, requests: 10, promptLen: 40, genLen: 6, sharedPrefix: 32, sampleEveryS: 0.05, rampUpS: 0.05 };
+      const started = performance.now();
+      const report = await runLoad(load);
+      assert.ok(performance.now() - started >= 50 * (3 / 4), "the last client started after its share of the ramp-up");
       assert.equal(report.model, "tiny");
       assert.equal(report.requests, 10);
       assert.equal(report.errors, 0);
@@ -21,6 +24,7 @@ describe("bench-serve's load", () => {
       assert.ok(report.requestsPerS > 0);
       assert.ok(report.timeToFirstTokenMs.p50 > 0 && report.timeToFirstTokenMs.p99 >= report.timeToFirstTokenMs.p50);
       assert.ok(report.interTokenLatencyMs.p99 >= report.interTokenLatencyMs.p50);
+      assert.ok(report.timePerOutputTokenMs.p50 > 0 && report.timePerOutputTokenMs.p99 >= report.timePerOutputTokenMs.p50);
       // Two full 16-token blocks shared: the first request computes them, the nine others find them cached.
       assert.ok(report.prefixCache!.prefillTokensSaved >= 32 * 6, `saved ${report.prefixCache!.prefillTokensSaved}`);
       assert.ok(report.prefixCache!.hitRate > 0.5);

@@ -21,7 +21,7 @@ function scheduler(numBlocks: number, blockSize: number, opts: SchedulerOptions 
 function complete(s: Scheduler, step: ScheduledStep, token = 42): void {
   step.seqs.forEach((seq, i) => {
     s.commit(seq, step.queryLens[i]);
-    if (step.batch.sample[i]) seq.accept(token);
+    if (step.batch.sample[i]) seq.take(token);
   });
 }
 
@@ -202,5 +202,27 @@ describe("Scheduler", () => {
     }
     assert.equal(steps, 11);
     assert.equal(seq.blocks!.table.length, 16);
+  });
+
+  it("bounds a multi-step call by the measured time per decode step", () => {
+    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16 };
+    const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 16, maxCallMs: 10 }, limits);
+    const seq = seqOf(promptOf(4, 1), { maxTokens: 50 });
+    s.add(seq);
+    complete(s, s.schedule()!); // the prompt
+    const decode = () => {
+      const step = s.schedule()!;
+      for (let k = 0; k < step.batch.steps!; k++) {
+        s.commit(seq, 1);
+        seq.take(42);
+      }
+      return step;
+    };
+    const first = decode();
+    assert.equal(first.batch.steps, 16, "nothing measured yet");
+    s.observe(first, 16 * 2.5);
+    assert.equal(decode().batch.steps, 4, "10 ms at 2.5 ms per step");
+    s.observe(s.schedule()!, 1e6 / 100); // a slow call: one step per call, never none
+    assert.equal(s.schedule()!.batch.steps, 1);
   });
 });

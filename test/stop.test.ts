@@ -86,12 +86,14 @@ describe("StopConditions", () => {
 describe("Sequence text", () => {
   const tokenizer = testTokenizer();
   const ctx = { tokenizer, eosIds: [0], contextLength: 1000 };
+  /** A token's two passes at once: its text, or null for a stop token. */
+  const accept = (seq: Sequence, id: number) => (seq.take(id) ? seq.detokenizeNext() : null);
 
   function run(prompt: string, completion: string, options: object): { seq: Sequence; texts: string[] } {
     const seq = new Sequence(tokenizer.encode(prompt), parseSamplingParams({ ...options }), "generate", ctx);
     const texts: string[] = [];
     for (const id of tokenizer.encode(completion)) {
-      const text = seq.accept(id);
+      const text = accept(seq, id);
       if (text !== null) texts.push(text);
       if (seq.finishReason) break;
     }
@@ -113,13 +115,29 @@ describe("Sequence text", () => {
   it("ends on EOS without emitting it, releasing held-back text at the end", () => {
     const tokenizerEos = tokenizer.eosTokenId!;
     const seq = new Sequence([40, 41], parseSamplingParams({ stop: ["x = 1;"] }), "generate", ctx);
-    const texts = tokenizer.encode("let x =").map((id) => seq.accept(id));
-    assert.equal(seq.accept(tokenizerEos), null);
+    const texts = tokenizer.encode("let x =").map((id) => accept(seq, id));
+    assert.equal(accept(seq, tokenizerEos), null);
     assert.equal(seq.finishReason, "stop");
     assert.equal(texts.join(""), "let ");
     assert.equal(seq.finish("stop"), "x =");
     assert.equal(seq.text, "let x =");
     assert.deepEqual(seq.output, tokenizer.encode("let x ="));
+  });
+
+  it("drops the tokens taken after a stop string that detokenizing finds later (a multi-step burst)", () => {
+    const completion = "    return a + b\n\ndef main():\n    print(1)\n";
+    const ids = tokenizer.encode(completion);
+    const seq = new Sequence(tokenizer.encode("def add(a, b):\n"), parseSamplingParams({ stop: ["\n\ndef"] }), "generate", ctx);
+    for (const id of ids) assert.equal(seq.take(id), true);
+    assert.equal(seq.generated, ids.length);
+    let text = "";
+    while (seq.finishReason === null) text += seq.detokenizeNext() ?? "";
+    assert.equal(text, "    return a + b");
+    const kept = seq.output;
+    assert.ok(kept.length < ids.length);
+    assert.deepEqual(kept, ids.slice(0, kept.length));
+    assert.ok(tokenizer.decode(kept).includes("\n\ndef"), "the last kept token completes the stop string");
+    assert.ok(!tokenizer.decode(kept.slice(0, -1)).includes("\n\ndef"));
   });
 
   it("stops at maxTokens with finishReason length", () => {

@@ -1,4 +1,4 @@
-import type { Backend, StepResult } from "../engine/backend.js";
+import type { Backend, StepBatch, StepResult } from "../engine/backend.js";
 import { loadBackend, resolveDevice } from "../engine/create-backend.js";
 import { DecimaError, fail } from "../errors.js";
 import type { ModelConfig } from "../model/config.js";
@@ -96,6 +96,12 @@ export interface EngineLoadOptions extends SchedulerOptions {
   kvMemoryFraction?: number;
 }
 
+/** A sequence's tokens taken from a step's result (entries `at`), waiting to become text and events. */
+interface Taken {
+  seq: Sequence;
+  at: number[];
+}
+
 interface Request {
   seq: Sequence;
   events: EventChannel<GenerateEvent>;
@@ -175,9 +181,17 @@ export class Engine {
    * DecimaError; leaving the loop early cancels the request.
    */
   async *generate(request: GenerateRequest): AsyncGenerator<GenerateEvent, void, undefined> {
+    for await (const batch of this.generateBatches(request)) yield* batch;
+  }
+
+  /**
+   * generate()'s events, grouped as they come: each item holds every event made since the consumer last
+   * looked (a multi-step call's tokens together), for consumers that write them out at once (the server).
+   */
+  async *generateBatches(request: GenerateRequest): AsyncGenerator<GenerateEvent[], void, undefined> {
     const req = this.submit(request, "generate");
     try {
-      yield* req.events;
+      yield* req.events.batches();
     } finally {
       this.cancel(req.seq);
     }
@@ -272,70 +286,112 @@ export class Engine {
     wake?.();
   }
 
+  /**
+   * The loop runs a step ahead of the events: when a step's result comes, its tokens go into their
+   * sequences (cheap: all the next step needs, including who ended on a stop token or the length), the next
+   * step is launched, and only then are the tokens detokenized into events, while the device computes; the
+   * consumers (streams, HTTP writes) run during that step too. A sequence that a stop string ends then is
+   * in the step already launched: its token from that step is dropped, and the blocks it frees now are
+   * written by that step alone before anyone can be given them (the next schedule waits for the step).
+   */
   private async loop(): Promise<void> {
-    while (!this.closed) {
-      for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
-      const step = this.scheduler.schedule();
-      if (!step) {
+    let running = this.launch();
+    for (;;) {
+      if (!running) {
+        if (this.closed) return;
         await new Promise<void>((resolve) => (this.wake = resolve));
+        running = this.closed ? null : this.launch();
         continue;
       }
       // A backend computing on the main thread (the CPU one) settles its step without the event loop
       // turning; awaiting this turn lets I/O (new requests, streamed writes) in between such steps. A
       // device's step spans turns anyway, so there it costs nothing.
       const turn = new Promise((resolve) => setImmediate(resolve));
+      const { step, launched } = running;
+      let result: StepResult;
       try {
-        this.apply(step, await this.backend.step(step.batch));
+        result = await running.result;
       } catch (err) {
         // Only this batch's requests fail; the engine goes on serving the others.
         for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, err);
+        await turn;
+        running = this.closed ? null : this.launch();
+        continue;
       }
+      this.scheduler.observe(step, performance.now() - launched);
       await turn;
+      const taken = this.commit(step, result);
+      running = this.closed ? null : this.launch();
+      this.emit(taken, result, step.batch.sampling.topLogprobs);
     }
   }
 
-  private apply(step: ScheduledStep, result: StepResult): void {
+  /** End what was cancelled (no step is in flight here), then start the next step, if there is work. */
+  private launch(): { step: ScheduledStep; result: Promise<StepResult>; launched: number } | null {
+    for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
+    const step = this.scheduler.schedule();
+    return step && { step, launched: performance.now(), result: this.run(step.batch) };
+  }
+
+  /** backend.step, with a synchronous throw turned into a rejection. */
+  private async run(batch: StepBatch): Promise<StepResult> {
+    return this.backend.step(batch);
+  }
+
+  /**
+   * A step's results into its sequences: KV positions committed, prompt logits kept, sampled tokens taken.
+   * A sequence that ended leaves the schedule at once; its text and done event follow in emit().
+   */
+  private commit(step: ScheduledStep, result: StepResult): Taken[] {
     const { queryStarts, sample } = step.batch;
     const steps = step.batch.steps ?? 1;
-    // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
-    step.seqs.forEach((seq, i) => {
-      if (!seq.inPrefill) return;
-      if (result.logits && seq.needsPromptLogits) {
-        seq.takePromptLogits(result.logits, queryStarts[i], step.queryLens[i], this.config.vocabSize);
-      }
-      if (seq.computed + step.queryLens[i] === seq.promptLen) this.promptTokensTotal += seq.promptLen;
-    });
     const n = step.seqs.length;
+    const taken: Taken[] = [];
     step.seqs.forEach((seq, i) => {
-      // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
-      // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped.
-      for (let k = 0; k < steps && seq.finishReason === null; k++) {
-        this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);
-        if (seq.cancelled) return; // ended at the top of the next loop
-        if (sample[i]) this.takeToken(seq, result, k * n + i, step.batch.sampling.topLogprobs);
-        else if (seq.kind === "logits" && !seq.inPrefill) this.end(seq, "length");
+      if (seq.finishReason !== null) return; // a stop string ended it after this step was launched
+      // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
+      if (seq.inPrefill) {
+        if (result.logits && seq.needsPromptLogits) {
+          seq.takePromptLogits(result.logits, queryStarts[i], step.queryLens[i], this.config.vocabSize);
+        }
+        if (seq.computed + step.queryLens[i] === seq.promptLen) this.promptTokensTotal += seq.promptLen;
       }
+      // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
+      // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped; a cancelled
+      // sequence is ended by the next launch().
+      const at: number[] = [];
+      for (let k = 0; k < steps && seq.finishReason === null && !seq.cancelled; k++) {
+        this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);
+        if (sample[i]) {
+          if (seq.take(result.tokens[k * n + i])) at.push(k * n + i);
+        } else if (seq.kind === "logits" && !seq.inPrefill) {
+          seq.finishReason = "length";
+        }
+      }
+      if (seq.finishReason !== null) this.scheduler.remove(seq);
+      if (at.length > 0 || seq.finishReason !== null) taken.push({ seq, at });
     });
+    return taken;
   }
 
-  /** Result entry `at` (step-major: step k of sequence i is k * numSeqs + i) becomes the sequence's next token. */
-  private takeToken(seq: Sequence, result: StepResult, at: number, width: number): void {
-    const id = result.tokens[at];
-    seq.times.firstToken ??= performance.now();
-    const text = seq.accept(id);
-    if (text !== null) {
-      this.generatedTokensTotal++;
-      const event: TokenEvent = { type: "token", id, text, logprob: result.logprobs[at] };
-      const k = seq.params.logprobs;
-      if (k !== null) {
-        event.top = Array.from({ length: k }, (_, j) => ({
-          id: result.topTokens[at * width + j],
-          logprob: result.topLogprobs[at * width + j],
-        }));
+  /** Taken tokens as text and token events (result entries `at`, step-major); ended sequences' done events. */
+  private emit(taken: Taken[], result: StepResult, width: number): void {
+    for (const { seq, at } of taken) {
+      const req = this.requests.get(seq);
+      if (!req) continue; // cancelled since, and ended already
+      for (const i of at) {
+        const text = seq.detokenizeNext();
+        if (text === null) break; // a stop string ended the sequence before this token
+        this.generatedTokensTotal++;
+        const event: TokenEvent = { type: "token", id: result.tokens[i], text, logprob: result.logprobs[i] };
+        const k = seq.params.logprobs;
+        if (k !== null) {
+          event.top = Array.from({ length: k }, (_, j) => ({ id: result.topTokens[i * width + j], logprob: result.topLogprobs[i * width + j] }));
+        }
+        req.events.push(event);
       }
-      this.requests.get(seq)!.events.push(event);
+      if (seq.finishReason !== null) this.end(seq, seq.finishReason);
     }
-    if (seq.finishReason !== null) this.end(seq, seq.finishReason);
   }
 
   private end(seq: Sequence, reason: FinishReason): void {

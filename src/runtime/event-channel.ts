@@ -21,10 +21,11 @@ export class EventChannel<T> {
     this.notify();
   }
 
-  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
+  /** Every item pushed since the last batch, at once: one wake-up for a step's worth of events. */
+  async *batches(): AsyncGenerator<T[]> {
     for (;;) {
       if (this.items.length > 0) {
-        yield this.items.shift()!;
+        yield this.items.splice(0);
       } else if (this.ended) {
         if (this.error !== undefined) throw this.error;
         return;
@@ -32,6 +33,10 @@ export class EventChannel<T> {
         await new Promise<void>((resolve) => (this.wake = resolve));
       }
     }
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
+    for await (const batch of this.batches()) yield* batch;
   }
 
   private notify(): void {

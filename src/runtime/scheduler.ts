@@ -15,6 +15,11 @@ export interface SchedulerOptions {
    * (default 16, capped by the backend): fewer round trips to the host, tokens streamed in small bursts.
    */
   decodeSteps?: number;
+  /**
+   * The longest a multi-step call may run, in milliseconds (default 10): a request that arrives during one
+   * waits that long at most for its prefill to start. Steps are counted from the measured time per step.
+   */
+  maxCallMs?: number;
   /** The most requests waiting for admission; past it new ones are refused at once (default 256). */
   maxWaiting?: number;
   /** Reuse the KV blocks of earlier prompts' common prefixes (default true). */
@@ -46,6 +51,9 @@ export class Scheduler {
   private readonly maxBatchSeqs: number;
   private readonly maxWaiting: number;
   private readonly decodeSteps: number;
+  private readonly maxCallMs: number;
+  /** Measured milliseconds per decode step (a moving average over decode-only calls); 0 until measured. */
+  private msPerStep = 0;
 
   /** `limits`: what the backend can take in one call (Backend's maxBatchTokens, maxBatchSeqs, maxSteps). */
   constructor(
@@ -60,6 +68,8 @@ export class Scheduler {
     this.maxBatchSeqs = Math.min(positiveInt("maxBatchSeqs", opts.maxBatchSeqs ?? 256), limits.maxBatchSeqs);
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
+    this.maxCallMs = opts.maxCallMs ?? 10;
+    if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }
 
@@ -133,12 +143,19 @@ export class Scheduler {
    */
   private stepsFor(seqs: Sequence[], queryLens: number[]): number {
     if (this.decodeSteps === 1 || this.waiting.length > 0) return 1;
-    let steps = this.decodeSteps;
+    let steps = this.msPerStep > 0 ? Math.min(this.decodeSteps, Math.floor(this.maxCallMs / this.msPerStep)) : this.decodeSteps;
     for (const [i, seq] of seqs.entries()) {
       if (queryLens[i] !== 1 || seq.inPrefill || usesPenalties(seq.params) || seq.needsPromptLogits) return 1;
       steps = Math.min(steps, seq.params.maxTokens - seq.generated, this.cacheTokens(seq) - seq.computed);
     }
     return Math.max(1, steps);
+  }
+
+  /** How long a step took on the backend, launch to result: decode-only calls update the time per step. */
+  observe(step: ScheduledStep, ms: number): void {
+    if (step.batch.tokens.length !== step.seqs.length) return; // a prefill chunk's time says nothing of decoding
+    const perStep = ms / (step.batch.steps ?? 1);
+    this.msPerStep = this.msPerStep === 0 ? perStep : 0.8 * this.msPerStep + 0.2 * perStep;
   }
 
   /**

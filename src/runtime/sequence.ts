@@ -46,6 +46,8 @@ export class Sequence {
   private readonly stopStrings: StopStringMatcher;
   private readonly tokenizer: Tokenizer;
   private stoppedByString = false;
+  /** Generated tokens whose text detokenizeNext() has produced. */
+  private detokenized = 0;
 
   constructor(
     prompt: readonly number[],
@@ -101,22 +103,34 @@ export class Sequence {
   }
 
   /**
-   * A sampled token. Returns the text that became final with it, or null for a stop token, which ends the
-   * sequence unseen. Sets finishReason when the sequence is done.
+   * A sampled token, first pass (before the next step is built): a stop token ends the sequence unseen
+   * (false); any other joins `tokens`, and the token budget may end the sequence ("length"). Its text, and
+   * the stop strings that text may hold, come with detokenizeNext().
    */
-  accept(id: number): string | null {
+  take(id: number): boolean {
+    this.times.firstToken ??= performance.now();
     if (this.stop.isStopToken(id)) {
       this.finishReason = "stop";
-      return null;
+      return false;
     }
     this.tokens.push(id);
+    if (this.stop.lengthReached(this.promptLen, this.generated)) this.finishReason = "length";
+    return true;
+  }
+
+  /**
+   * The text that became final with the oldest taken token not yet detokenized (null when none is left). A
+   * stop string in it ends the sequence there: the tokens taken after it are dropped.
+   */
+  detokenizeNext(): string | null {
+    if (this.promptLen + this.detokenized === this.tokens.length) return null;
+    const id = this.tokens[this.promptLen + this.detokenized++];
     const out = this.stopStrings.push(this.hasText(id) ? this.detokenizer.push(id) : "");
     this.text += out.text;
     if (out.stopped) {
       this.stoppedByString = true;
       this.finishReason = "stop";
-    } else if (this.stop.lengthReached(this.promptLen, this.generated)) {
-      this.finishReason = "length";
+      this.tokens.length = this.promptLen + this.detokenized;
     }
     return out.text;
   }

@@ -19,6 +19,11 @@ export interface LoadOptions {
   genLen: number;
   /** Leading prompt tokens that every request shares (what the prefix cache can save). */
   sharedPrefix: number;
+  /**
+   * Spread the clients' first requests evenly over this many seconds (default 0: all at once). Clients that
+   * start together with equal lengths stay in step, sending their prompts in bursts; editors don't.
+   */
+  rampUpS?: number;
   /** Read the server's memory and KV pool from /metrics this often during the run (seconds). */
   sampleEveryS?: number;
   seed?: number;
@@ -44,6 +49,7 @@ export interface LoadReport {
   promptLen: number;
   genLen: number;
   sharedPrefix: number;
+  rampUpS: number;
   /** Requests that completed. */
   requests: number;
   errors: number;
@@ -54,8 +60,10 @@ export interface LoadReport {
   requestsPerS: number;
   outputTokensPerS: number;
   timeToFirstTokenMs: Percentiles;
-  /** Between consecutive streamed chunks of a request. */
+  /** Between consecutive streamed chunks of a request (tokens that come together arrive in one chunk burst). */
   interTokenLatencyMs: Percentiles;
+  /** Per request: from its first token to its last, per token after the first. */
+  timePerOutputTokenMs: Percentiles;
   /** Over the run, with a shared prefix: full prompt blocks found cached, and prompt tokens not prefilled. */
   prefixCache: { hitRate: number; prefillTokensSaved: number } | null;
   samples: ServerSample[];
@@ -71,6 +79,8 @@ interface RequestResult {
   error?: string;
   ttftMs?: number;
   gapsMs?: number[];
+  /** From the first text to the last. */
+  decodeMs?: number;
   outputTokens?: number;
 }
 
@@ -104,13 +114,14 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   const deadline = opts.requests === undefined ? start + (opts.durationS ?? 60) * 1000 : Infinity;
   let issued = 0;
   const results: RequestResult[] = [];
-  const client = async () => {
+  const client = async (i: number) => {
+    if (opts.rampUpS) await new Promise((resolve) => setTimeout(resolve, (i * opts.rampUpS! * 1000) / opts.clients));
     while ((opts.requests === undefined || issued < opts.requests) && performance.now() < deadline) {
       issued++;
       results.push(await streamCompletion(`${opts.url}/v1/completions`, headers, body()));
     }
   };
-  await Promise.all(Array.from({ length: opts.clients }, client));
+  await Promise.all(Array.from({ length: opts.clients }, (_, i) => client(i)));
   const durationS = (performance.now() - start) / 1000;
   if (timer) clearInterval(timer);
   await sample();
@@ -126,6 +137,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     promptLen: opts.promptLen,
     genLen: opts.genLen,
     sharedPrefix: opts.sharedPrefix,
+    rampUpS: opts.rampUpS ?? 0,
     requests: ok.length,
     errors: results.length - ok.length,
     firstErrors: [...new Set(results.flatMap((r) => (r.error === undefined ? [] : [r.error])))].slice(0, MAX_ERRORS_SHOWN),
@@ -135,6 +147,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     outputTokensPerS: outputTokens / durationS,
     timeToFirstTokenMs: percentiles(ok.map((r) => r.ttftMs!)),
     interTokenLatencyMs: percentiles(ok.flatMap((r) => r.gapsMs!)),
+    timePerOutputTokenMs: percentiles(ok.filter((r) => r.outputTokens! > 1).map((r) => r.decodeMs! / (r.outputTokens! - 1))),
     prefixCache:
       opts.sharedPrefix > 0
         ? {
@@ -157,6 +170,7 @@ async function streamCompletion(url: string, headers: Record<string, string>, bo
       return { error: `HTTP ${res.status}: ${reply?.error?.message ?? res.statusText}` };
     }
     let ttftMs: number | undefined;
+    let first = 0;
     let last = 0;
     const gapsMs: number[] = [];
     let outputTokens = 0;
@@ -167,12 +181,16 @@ async function streamCompletion(url: string, headers: Record<string, string>, bo
       if (chunk.usage) outputTokens = chunk.usage.completion_tokens;
       if (!chunk.choices?.[0]?.text) continue;
       const now = performance.now();
-      if (ttftMs === undefined) ttftMs = now - sent;
-      else gapsMs.push(now - last);
+      if (ttftMs === undefined) {
+        ttftMs = now - sent;
+        first = now;
+      } else {
+        gapsMs.push(now - last);
+      }
       last = now;
     }
     if (ttftMs === undefined) return { error: "stream: no text came" };
-    return { ttftMs, gapsMs, outputTokens };
+    return { ttftMs, gapsMs, decodeMs: last - first, outputTokens };
   } catch (err) {
     return { error: oneLine(err) };
   }

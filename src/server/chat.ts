@@ -3,7 +3,7 @@ import type { DoneEvent } from "../runtime/engine.js";
 import type { ChatMessage } from "../tokenizer/tokenizer.js";
 import { ApiError } from "./api-error.js";
 import type { RouteContext } from "./app.js";
-import { type ChoiceEvent, collectChoices, startChoices } from "./choices.js";
+import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
 import { chatLogprobs } from "./logprobs.js";
 import { responseId, unixSeconds, usageOf } from "./openai.js";
 import { type ChatBody, chatSchema, choiceSeed, parseBody, samplingOptions } from "./requests.js";
@@ -60,7 +60,7 @@ function toChatMessage(m: ChatBody["messages"][number]): ChatMessage {
 }
 
 /** A stream: each choice's role first, then its content as it comes, then its finish reason. */
-async function* chatChunks(ctx: RouteContext, body: ChatBody, head: object, events: AsyncIterable<ChoiceEvent>): AsyncGenerator<object> {
+async function* chatChunks(ctx: RouteContext, body: ChatBody, head: object, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
   const n = body.n ?? 1;
   const withUsage = body.stream_options?.include_usage === true;
   const chunk = (index: number, delta: object, logprobs: object | null, finish_reason: string | null) => ({
@@ -69,18 +69,22 @@ async function* chatChunks(ctx: RouteContext, body: ChatBody, head: object, even
     choices: [{ index, delta, logprobs, finish_reason }],
     ...(withUsage ? { usage: null } : {}),
   });
-  for (let index = 0; index < n; index++) yield chunk(index, { role: "assistant", content: "" }, null, null);
+  yield Array.from({ length: n }, (_, index) => chunk(index, { role: "assistant", content: "" }, null, null));
   const dones: DoneEvent[] = [];
-  for await (const { index, event } of events) {
-    if (event.type === "done") {
-      dones[index] = event;
-      yield chunk(index, {}, null, event.finishReason);
-    } else if (event.type === "token" && (event.text || body.logprobs)) {
-      const logprobs = body.logprobs ? { content: chatLogprobs(ctx.engine.tokenizer, [event]), refusal: null } : null;
-      yield chunk(index, { content: event.text }, logprobs, null);
-    } else if (event.text) {
-      yield chunk(index, { content: event.text }, null, null);
+  for await (const batch of batches) {
+    const out: object[] = [];
+    for (const { index, event } of batch) {
+      if (event.type === "done") {
+        dones[index] = event;
+        out.push(chunk(index, {}, null, event.finishReason));
+      } else if (event.type === "token" && (event.text || body.logprobs)) {
+        const logprobs = body.logprobs ? { content: chatLogprobs(ctx.engine.tokenizer, [event]), refusal: null } : null;
+        out.push(chunk(index, { content: event.text }, logprobs, null));
+      } else if (event.text) {
+        out.push(chunk(index, { content: event.text }, null, null));
+      }
     }
+    yield out;
   }
-  if (withUsage) yield { ...head, object: "chat.completion.chunk", choices: [], usage: usageOf(dones, n) };
+  if (withUsage) yield [{ ...head, object: "chat.completion.chunk", choices: [], usage: usageOf(dones, n) }];
 }

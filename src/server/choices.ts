@@ -9,6 +9,9 @@ export interface ChoiceEvent {
   event: GenerateEvent;
 }
 
+/** The choices' events that came together (a step's tokens): a stream writes them out at once. */
+export type ChoiceBatch = ChoiceEvent[];
+
 export interface ChoicesContext {
   engine: Engine;
   metrics: ServerMetrics;
@@ -23,9 +26,9 @@ export interface ChoicesContext {
  * event, so that a refusal (a prompt too long, a full queue) or an early failure becomes the response's
  * status before any of it is sent, and a refused choice cancels the others. Then the choices' events are
  * merged in the order they come, each pulled from the engine as soon as it is there (the latency metrics
- * see when tokens were made, not when a slow client read them).
+ * see when tokens were made, not when a slow client read them), in batches of what came together.
  */
-export async function startChoices(ctx: ChoicesContext, requests: GenerateRequest[]): Promise<AsyncIterable<ChoiceEvent>> {
+export async function startChoices(ctx: ChoicesContext, requests: GenerateRequest[]): Promise<AsyncIterable<ChoiceBatch>> {
   const stop = new AbortController();
   setMaxListeners(0, stop.signal); // the engine listens once per choice, and n may be large
   const onClientGone = () => stop.abort();
@@ -33,13 +36,13 @@ export async function startChoices(ctx: ChoicesContext, requests: GenerateReques
   const detach = () => ctx.signal.removeEventListener("abort", onClientGone);
   if (ctx.signal.aborted) stop.abort();
 
-  const gens = requests.map((r) => ctx.engine.generate({ ...r, signal: stop.signal }));
+  const gens = requests.map((r) => ctx.engine.generateBatches({ ...r, signal: stop.signal }));
   const observers = requests.map(() => ctx.metrics.choice(ctx.arrival));
   const firsts = await Promise.allSettled(
     gens.map(async (gen, i) => {
       try {
         const first = await gen.next();
-        if (!first.done) observers[i](first.value);
+        if (!first.done) first.value.forEach(observers[i]);
         return first;
       } catch (err) {
         stop.abort();
@@ -56,12 +59,14 @@ export async function startChoices(ctx: ChoicesContext, requests: GenerateReques
 
   const merged = new EventChannel<ChoiceEvent>();
   let open = gens.length;
-  const pump = async (index: number, first: IteratorResult<GenerateEvent, void>) => {
+  const pump = async (index: number, first: IteratorResult<GenerateEvent[], void>) => {
     const gen = gens[index];
     try {
       for (let r = first; !r.done; r = await gen.next()) {
-        if (r !== first) observers[index](r.value);
-        merged.push({ index, event: r.value });
+        for (const event of r.value) {
+          if (r !== first) observers[index](event);
+          merged.push({ index, event });
+        }
       }
       if (--open === 0) merged.end();
     } catch (err) {
@@ -72,7 +77,7 @@ export async function startChoices(ctx: ChoicesContext, requests: GenerateReques
   firsts.forEach((f, i) => f.status === "fulfilled" && void pump(i, f.value));
   return (async function* () {
     try {
-      yield* merged;
+      yield* merged.batches();
     } finally {
       // Reached when the response is complete, failed, or its stream destroyed (the client left).
       stop.abort();
@@ -88,12 +93,14 @@ export interface ChoiceResult {
 }
 
 /** Every choice's result, by index: for responses sent whole. */
-export async function collectChoices(events: AsyncIterable<ChoiceEvent>, count: number): Promise<ChoiceResult[]> {
+export async function collectChoices(batches: AsyncIterable<ChoiceBatch>, count: number): Promise<ChoiceResult[]> {
   const tokens = Array.from({ length: count }, (): TokenEvent[] => []);
   const dones = new Array<DoneEvent>(count);
-  for await (const { index, event } of events) {
-    if (event.type === "token") tokens[index].push(event);
-    if (event.type === "done") dones[index] = event;
+  for await (const batch of batches) {
+    for (const { index, event } of batch) {
+      if (event.type === "token") tokens[index].push(event);
+      if (event.type === "done") dones[index] = event;
+    }
   }
   return dones.map((done, i) => ({ tokens: tokens[i], done }));
 }

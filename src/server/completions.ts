@@ -2,7 +2,7 @@ import type { FastifyReply, FastifyRequest } from "fastify";
 import type { DoneEvent, GenerateRequest } from "../runtime/engine.js";
 import { ApiError } from "./api-error.js";
 import type { RouteContext } from "./app.js";
-import { type ChoiceEvent, collectChoices, startChoices } from "./choices.js";
+import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
 import { type CompletionLogprobs, completionLogprobs, concatLogprobs, promptCompletionLogprobs } from "./logprobs.js";
 import { responseId, unixSeconds, usageOf } from "./openai.js";
 import { type CompletionBody, choiceSeed, completionSchema, parseBody, samplingOptions } from "./requests.js";
@@ -69,9 +69,9 @@ async function* completionChunks(
   ctx: RouteContext,
   body: CompletionBody,
   head: object,
-  events: AsyncIterable<ChoiceEvent>,
+  batches: AsyncIterable<ChoiceBatch>,
   echoes: string[],
-): AsyncGenerator<object> {
+): AsyncGenerator<object[]> {
   const withUsage = body.stream_options?.include_usage === true;
   const chunk = (index: number, text: string, logprobs: CompletionLogprobs | null, finish_reason: string | null) => ({
     ...head,
@@ -79,20 +79,24 @@ async function* completionChunks(
     ...(withUsage ? { usage: null } : {}),
   });
   const offsets = echoes.map((e) => e.length);
-  for (const [index, echo] of echoes.entries()) if (echo) yield chunk(index, echo, null, null);
+  yield echoes.flatMap((echo, index) => (echo ? [chunk(index, echo, null, null)] : []));
   const dones: DoneEvent[] = [];
-  for await (const { index, event } of events) {
-    if (event.type === "done") {
-      dones[index] = event;
-      yield chunk(index, "", null, event.finishReason);
-    } else if (event.type === "token" && (event.text || body.logprobs != null)) {
-      const logprobs = body.logprobs == null ? null : completionLogprobs(ctx.engine.tokenizer, [event], offsets[index]);
-      offsets[index] += event.text.length;
-      yield chunk(index, event.text, logprobs, null);
-    } else if (event.text) {
-      offsets[index] += event.text.length;
-      yield chunk(index, event.text, null, null);
+  for await (const batch of batches) {
+    const out: object[] = [];
+    for (const { index, event } of batch) {
+      if (event.type === "done") {
+        dones[index] = event;
+        out.push(chunk(index, "", null, event.finishReason));
+      } else if (event.type === "token" && (event.text || body.logprobs != null)) {
+        const logprobs = body.logprobs == null ? null : completionLogprobs(ctx.engine.tokenizer, [event], offsets[index]);
+        offsets[index] += event.text.length;
+        out.push(chunk(index, event.text, logprobs, null));
+      } else if (event.text) {
+        offsets[index] += event.text.length;
+        out.push(chunk(index, event.text, null, null));
+      }
     }
+    yield out;
   }
-  if (withUsage) yield { ...head, choices: [], usage: usageOf(dones, body.n ?? 1) };
+  if (withUsage) yield [{ ...head, choices: [], usage: usageOf(dones, body.n ?? 1) }];
 }

@@ -3,7 +3,7 @@ import type { DoneEvent } from "../runtime/engine.js";
 import { fimPromptIds } from "../tokenizer/fim.js";
 import type { Tokenizer } from "../tokenizer/tokenizer.js";
 import type { RouteContext } from "./app.js";
-import { type ChoiceEvent, collectChoices, startChoices } from "./choices.js";
+import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
 import { type InfillBody, infillSchema, parseBody } from "./requests.js";
 import { sendEvents } from "./sse.js";
 
@@ -52,15 +52,19 @@ function infillPromptIds(tokenizer: Tokenizer, body: InfillBody): number[] {
   return [...extra, ...fimPromptIds(tokenizer, body.input_prefix + body.prompt, body.input_suffix)];
 }
 
-async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: number, events: AsyncIterable<ChoiceEvent>): AsyncGenerator<object> {
+async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
   let predicted = 0;
-  for await (const { event } of events) {
-    if (event.type === "done") {
-      yield infillResult(ctx, body, event, "");
-    } else {
-      if (event.type === "token") predicted++;
-      if (event.text) yield { content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens };
+  for await (const batch of batches) {
+    const out: object[] = [];
+    for (const { event } of batch) {
+      if (event.type === "done") {
+        out.push(infillResult(ctx, body, event, ""));
+      } else {
+        if (event.type === "token") predicted++;
+        if (event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
+      }
     }
+    yield out;
   }
 }
 

@@ -36,7 +36,9 @@ const tokenIds = z.array(z.number().int()).min(1);
 
 export const completionSchema = z.object({
   ...samplingFields,
-  prompt: z.union([z.string(), z.array(z.string()).min(1), tokenIds, z.array(tokenIds).min(1)], {
+  // Token ids before strings: a union tries its branches in order, and a long id list would first fail the
+  // array-of-strings branch once per element.
+  prompt: z.union([z.string(), tokenIds, z.array(z.string()).min(1), z.array(tokenIds).min(1)], {
     error: "expected a string, an array of strings, an array of token ids, or an array of token-id arrays",
   }),
   suffix: z.string().nullish(),

@@ -13,6 +13,7 @@ interface BenchServeOptions extends Omit<ServingOptions, "model"> {
   promptLen: number;
   genLen: number;
   sharedPrefix: number;
+  rampUp: number;
   soak?: boolean;
   json?: boolean;
 }
@@ -32,6 +33,7 @@ export function register(program: Command): void {
     .addOption(integerOption("--prompt-len <n>", "prompt tokens per request (random ids)", { min: 1 }).default(512))
     .addOption(integerOption("--gen-len <n>", "generated tokens per request (exactly: ignore_eos)", { min: 1 }).default(128))
     .addOption(integerOption("--shared-prefix <n>", "leading prompt tokens common to every request", { min: 0 }).default(0))
+    .addOption(numberOption("--ramp-up <s>", "start the clients evenly over this many seconds instead of all at once", { min: 0 }).default(0))
     .option(
       "--soak",
       `run for --duration (default ${SOAK_DURATION_S} s), reading the server's memory and KV pool every ${SOAK_SAMPLE_EVERY_S} s; ` +
@@ -53,6 +55,7 @@ async function benchServe(opts: BenchServeOptions): Promise<void> {
     promptLen: opts.promptLen,
     genLen: opts.genLen,
     sharedPrefix: opts.sharedPrefix,
+    rampUpS: opts.rampUp,
     sampleEveryS: opts.soak ? Math.min(SOAK_SAMPLE_EVERY_S, (durationS ?? SOAK_DURATION_S) / 10) : undefined,
   };
   let report: LoadReport;
@@ -82,6 +85,7 @@ function table(r: LoadReport, soak: SoakVerdict | null): string {
     ["throughput", `${n(r.requestsPerS, 2)} requests/s, ${n(r.outputTokensPerS)} output tokens/s`],
     ["time to first token", `p50 ${n(r.timeToFirstTokenMs.p50)} ms, p99 ${n(r.timeToFirstTokenMs.p99)} ms`],
     ["inter-token latency", `p50 ${n(r.interTokenLatencyMs.p50, 2)} ms, p99 ${n(r.interTokenLatencyMs.p99, 2)} ms`],
+    ["time per output token", `p50 ${n(r.timePerOutputTokenMs.p50, 2)} ms, p99 ${n(r.timePerOutputTokenMs.p99, 2)} ms`],
   ];
   if (r.prefixCache) {
     rows.push(["prefix cache", `hit rate ${n(r.prefixCache.hitRate * 100)}%, ${n(r.prefixCache.prefillTokensSaved, 0)} prefill tokens saved`]);
@@ -94,7 +98,8 @@ function table(r: LoadReport, soak: SoakVerdict | null): string {
   }
   for (const e of r.firstErrors) rows.push(["error", e]);
   const head = `${r.model}: ${r.clients} clients, ${r.promptLen} prompt + ${r.genLen} generated tokens` +
-    (r.sharedPrefix > 0 ? ` (${r.sharedPrefix} shared)` : "");
+    (r.sharedPrefix > 0 ? ` (${r.sharedPrefix} shared)` : "") +
+    (r.rampUpS > 0 ? `, clients started over ${r.rampUpS} s` : "");
   const width = Math.max(...rows.map(([k]) => k.length));
   return `${head}\n${rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join("\n")}\n`;
 }
