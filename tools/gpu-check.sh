@@ -101,7 +101,7 @@ fi
 
 if has kernels; then
   step "GEMV kernels alone (graphs of 200 launches, weights rotating past L2)"
-  node dist/bench/gemv-kernels.js | tee "$OUT/gemv-kernels.txt"
+  node dist/bench/gemv-kernels.js --quant | tee "$OUT/gemv-kernels.txt"
 fi
 
 if has profile; then

@@ -19,9 +19,19 @@ class Gemm {
   // Y[M][N] = X[M][K] W[N][K]^T (row-major, as PyTorch's Linear), plus Y when `accumulate`.
   // X and W are `dtype`; Y is fp32 (`y_fp32`, e.g. the residual stream or logits) or `dtype`.
   void run(cudaStream_t stream, DType dtype, const void* w, const void* x, void* y, int m, int n, int k, bool y_fp32, bool accumulate);
-  // Time every candidate algorithm of new shapes (decode steps, before their graph is captured), or take
-  // the heuristic's first choice (prefill: a new token count each time, and the heuristic suits them).
-  void set_tuning(bool on) { tuning_ = on; }
+  // While one lives, new shapes get every candidate algorithm timed (decode steps, before their graph is
+  // captured); otherwise they take the heuristic's first choice (prefill: a new token count each time, and
+  // the heuristic suits them). Scoped, so that a failure can't leave tuning on.
+  class Tuning {
+   public:
+    explicit Tuning(Gemm& g) : g_(g) { g_.tuning_ = true; }
+    ~Tuning() { g_.tuning_ = false; }
+    Tuning(const Tuning&) = delete;
+    Tuning& operator=(const Tuning&) = delete;
+
+   private:
+    Gemm& g_;
+  };
 
  private:
   using Key = std::tuple<int, int, int, int, bool, bool>;

@@ -97,15 +97,19 @@ template <typename T> struct ProRmsNorm {
 };
 
 // ---- weight formats: how 16 bytes of a row become values ----------------------------------------------
-// `dot` adds one 16-byte vector's products with x (batch rows of shared memory) into acc; `finish` applies
-// what is per row (the int8 scale).
+// `load` fetches a row's 16-byte vector v with what it needs beside it (its scale), as a Vec; `dot` adds
+// its products with x (batch rows of shared memory) into acc. Quantized values become floats by exponent
+// tricks, not by the int-to-float unit, which runs at a quarter of the FMA rate and would need one
+// conversion per weight (the change took the batch-1 step from 1.158 to 1.091 ms with int8 and from
+// 1.136 to 0.984 ms with int4, BENCHMARKS.md).
 
 template <typename T> struct DenseW {
   static constexpr int kPerVec = 8;  // values per 16 bytes
+  using Vec = uint4;
   const T* w;
   int cols;
-  __device__ uint4 load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
-  template <int B> __device__ void dot(const uint4& q, int, int v, const T* xs, int stride, float (&acc)[B]) const {
+  __device__ Vec load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
+  template <int B> __device__ void dot(const Vec& q, int v, const T* xs, int stride, float (&acc)[B]) const {
     float wf[8];
     unpack8(q, wf, T());
 #pragma unroll
@@ -116,50 +120,97 @@ template <typename T> struct DenseW {
       for (int e = 0; e < 8; e++) acc[b] = fmaf(wf[e], x[e], acc[b]);
     }
   }
-  __device__ float finish(int, float acc) const { return acc; }
-  __device__ void values(const uint4& q, int, int, float* out) const { unpack8(q, out, T()); }
+  __device__ void values(const Vec& q, int, float* out) const { unpack8(q, out, T()); }
 };
 
-// W8A16: int8 values, a scale per row.
+// Four int8 values: each byte, offset to unsigned, becomes the low mantissa byte of 2^23 (a byte permute),
+// and one subtraction of 2^23 + 128 leaves the value, exactly.
+__device__ __forceinline__ void s8x4_to_float(uint32_t w, float* out) {
+  const uint32_t u = w ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; i++) out[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540 | i)) - 8388736.f;
+}
+
+// Eight int4 values stored as q + 8, column 2j in byte j's low nibble: two nibbles at a time OR'ed into
+// the mantissas of fp16 1024s give 1024 + q + 8 exactly, and one packed subtraction of 1032 leaves q.
+__device__ __forceinline__ void s4x8_to_float(uint32_t w, float* out) {
+  const half2 bias = __half2half2(__ushort_as_half(0x6408));  // 1032
+#pragma unroll
+  for (int s = 0; s < 4; s++) {
+    const uint32_t bits = ((w >> (4 * s)) & 0x000F000Fu) | 0x64006400u;  // columns s and 4 + s
+    const float2 f = __half22float2(__hsub2(*reinterpret_cast<const half2*>(&bits), bias));
+    out[s] = f.x;
+    out[4 + s] = f.y;
+  }
+}
+
+// W8A16: int8 values, a scale per row. The scale travels with each vector (an L1 hit after the row's
+// first), so no tile ends waiting on a load of it.
 template <typename T> struct Int8W {
   static constexpr int kPerVec = 16;
+  struct Vec {
+    uint4 q;
+    float scale;
+  };
   const int8_t* q;
   const half* scales;  // [rows]
   int cols;
-  __device__ uint4 load(int row, int v) const { return load_stream(q + (size_t)row * cols + v * kPerVec); }
-  template <int B> __device__ void dot(const uint4& qv, int, int v, const T* xs, int stride, float (&acc)[B]) const {
-    const int8_t* c = reinterpret_cast<const int8_t*>(&qv);
+  __device__ Vec load(int row, int v) const {
+    return {load_stream(q + (size_t)row * cols + v * kPerVec), __half2float(scales[row])};
+  }
+  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[16];
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
+#pragma unroll
+    for (int i = 0; i < 4; i++) s8x4_to_float(words[i], wf + 4 * i);
 #pragma unroll
     for (int b = 0; b < B; b++) {
+      float part = 0.f;
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         float x[8];
         unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[b] = fmaf((float)c[h * 8 + e], x[e], acc[b]);
+        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
       }
+      acc[b] = fmaf(part, w.scale, acc[b]);
     }
   }
-  __device__ float finish(int row, float acc) const { return acc * __half2float(scales[row]); }
-  __device__ void values(const uint4& qv, int row, int, float* out) const {
-    const int8_t* c = reinterpret_cast<const int8_t*>(&qv);
-    const float s = __half2float(scales[row]);
+  __device__ void values(const Vec& w, int, float* out) const {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
 #pragma unroll
-    for (int e = 0; e < kPerVec; e++) out[e] = c[e] * s;
+    for (int i = 0; i < 4; i++) s8x4_to_float(words[i], out + 4 * i);
+#pragma unroll
+    for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
 };
 
 // W4A16: int4 values stored as q + 8 (column 2j in the low nibble), a scale per row and group of columns.
-// A 16-byte vector (32 columns) lies inside one group (groups are multiples of 32 columns).
+// A 16-byte vector (32 columns) lies inside one group; groups are 32 x a power of two columns, so a
+// vector's group is a shift away. Each vector travels with its scale (both loads leave together).
 template <typename T> struct Int4W {
   static constexpr int kPerVec = 32;
+  struct Vec {
+    uint4 q;
+    float scale;
+  };
   const uint8_t* q;
-  const half* scales;  // [rows][cols / group]
-  int cols, group;
-  __device__ uint4 load(int row, int v) const { return load_stream(q + (size_t)row * (cols / 2) + v * 16); }
-  template <int B> __device__ void dot(const uint4& qv, int row, int v, const T* xs, int stride, float (&acc)[B]) const {
-    const uint8_t* c = reinterpret_cast<const uint8_t*>(&qv);
-    const float scale = __half2float(scales[(size_t)row * (cols / group) + v * kPerVec / group]);
+  const half* scales;  // [rows][groups]
+  int cols, groups, group_shift;
+  static Int4W make(const uint8_t* q, const half* scales, int cols, int group) {
+    int shift = 0;
+    while ((kPerVec << shift) < group) shift++;
+    if ((kPerVec << shift) != group) throw CudaError("int4: group size " + std::to_string(group) + " is not 32 x a power of two");
+    return {q, scales, cols, cols / group, shift};
+  }
+  __device__ Vec load(int row, int v) const {
+    return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
+  }
+  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[32];
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
+#pragma unroll
+    for (int i = 0; i < 4; i++) s4x8_to_float(words[i], wf + 8 * i);
 #pragma unroll
     for (int b = 0; b < B; b++) {
       float part = 0.f;
@@ -168,24 +219,17 @@ template <typename T> struct Int4W {
         float x[8];
         unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const uint8_t byte = c[h * 4 + e];
-          part = fmaf((float)((int)(byte & 15) - 8), x[2 * e], part);
-          part = fmaf((float)((int)(byte >> 4) - 8), x[2 * e + 1], part);
-        }
+        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
       }
-      acc[b] = fmaf(part, scale, acc[b]);
+      acc[b] = fmaf(part, w.scale, acc[b]);
     }
   }
-  __device__ float finish(int, float acc) const { return acc; }
-  __device__ void values(const uint4& qv, int row, int v, float* out) const {
-    const uint8_t* c = reinterpret_cast<const uint8_t*>(&qv);
-    const float s = __half2float(scales[(size_t)row * (cols / group) + v * kPerVec / group]);
+  __device__ void values(const Vec& w, int, float* out) const {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
 #pragma unroll
-    for (int e = 0; e < 16; e++) {
-      out[2 * e] = ((int)(c[e] & 15) - 8) * s;
-      out[2 * e + 1] = ((int)(c[e] >> 4) - 8) * s;
-    }
+    for (int i = 0; i < 4; i++) s4x8_to_float(words[i], out + 8 * i);
+#pragma unroll
+    for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
 };
 
@@ -198,7 +242,7 @@ template <typename T, class W> __global__ void dequantize_kernel(W w, int rows, 
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)rows * vecs; i += (size_t)gridDim.x * blockDim.x) {
     const int row = (int)(i / vecs), v = (int)(i % vecs);
     float f[W::kPerVec];
-    w.values(w.load(row, v), row, v, f);
+    w.values(w.load(row, v), row, f);
 #pragma unroll
     for (int c = 0; c < W::kPerVec / 8; c++)
       *reinterpret_cast<uint4*>(out + (size_t)row * w.cols + v * W::kPerVec + c * 8) = pack8<T>(f + c * 8);
@@ -330,8 +374,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
   const int items = my_tiles * per_tile;
   // Item j of a lane: tile blockIdx.x + (j / per_tile) * gridDim.x, vector lane + (j % per_tile) * 32 of the
   // warp's two rows.
-  auto load = [&](int j, uint4& lo, uint4& hi) {
-    lo = hi = make_uint4(0, 0, 0, 0);
+  using Vec = typename W::Vec;
+  auto load = [&](int j, Vec& lo, Vec& hi) {
+    lo = hi = Vec{};
     if (j >= items) return;
     const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
     const int v = lane + (j % per_tile) * 32;
@@ -341,7 +386,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
   };
 
   // The weights depend on nothing earlier in the step: start streaming them before waiting.
-  uint4 w_lo[P], w_hi[P];
+  Vec w_lo[P], w_hi[P];
 #pragma unroll
   for (int u = 0; u < P; u++) load(u, w_lo[u], w_hi[u]);
   pdl_launch_dependents();
@@ -360,18 +405,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
       const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
       const int v = lane + (j % per_tile) * 32;
       if (v < vecs) {
-        w.template dot<B>(w_lo[u], t.lo + warp, v, xs, stride, acc_lo);
-        w.template dot<B>(w_hi[u], t.hi + warp, v, xs, stride, acc_hi);
+        w.template dot<B>(w_lo[u], v, xs, stride, acc_lo);
+        w.template dot<B>(w_hi[u], v, xs, stride, acc_hi);
       }
       load(j + P, w_lo[u], w_hi[u]);
       if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp, lane 0 stores
 #pragma unroll
         for (int b = 0; b < B; b++) {
           const float lo = warp_sum(acc_lo[b]), hi = warp_sum(acc_hi[b]);
-          if (lane == 0 && b < batch) {
-            const int r_lo = min(t.lo + warp, rows - 1), r_hi = min(t.hi + warp, rows - 1);
-            epi.store(t, warp, b, w.finish(r_lo, lo), w.finish(r_hi, hi));
-          }
+          if (lane == 0 && b < batch) epi.store(t, warp, b, lo, hi);
           acc_lo[b] = acc_hi[b] = 0.f;
         }
       }
@@ -395,7 +437,9 @@ template <typename K> int resident_blocks(K kernel, size_t smem) {
 
 template <typename T, int B, class W, class Pro, class Epi>
 void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  constexpr int P = 8;
+  // Loads in flight per lane and row: 8 x 16 bytes, or 4 where a vector carries a scale and two
+  // activation rows would otherwise spill registers (int4 at batch 2 ran at a third of its batch-1 speed).
+  constexpr int P = sizeof(typename W::Vec) > 16 && B > 1 ? 4 : 8;
   auto kernel = gemv_kernel<T, B, P, W, Pro, Epi>;
   const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once

@@ -111,7 +111,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
   };
   if (quant == 0) with_prologue(DenseW<T>{w.as<T>(), cols});
   else if (quant == 1) with_prologue(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
-  else with_prologue(Int4W<T>{w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")});
+  else with_prologue(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
   if (quant) {  // the cuBLASLt path's dequantization too
     Dev dq((size_t)rows * cols * sizeof(T));
     auto deq = [&](const auto& wq) {
@@ -119,7 +119,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
       launch(kEager, dequantize_kernel<T, W>, dim3(64), dim3(256), 0, wq, rows, dq.as<T>());
     };
     if (quant == 1) deq(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
-    else deq(Int4W<T>{w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")});
+    else deq(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
     out["dequantized"] = dq.read();
   }
   return out;
@@ -226,9 +226,12 @@ template <typename T> BufferMap gemv_bench(const Ctx& c) {
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const Launch l{stream, c.i("pdl") != 0};
-  const size_t wbytes = (size_t)rows * cols * sizeof(T);
+  const int quant = c.i("quant"), group = 128;  // 0: 16-bit, 1: int8, 2: int4
+  const size_t wbytes = quant == 0 ? (size_t)rows * cols * sizeof(T) : quant == 1 ? (size_t)rows * cols : (size_t)rows * cols / 2;
   Dev w(wbytes * copies), x((size_t)batch * cols * sizeof(T)), y((size_t)batch * rows * 4);
+  Dev scales((size_t)rows * (cols / group) * sizeof(half));
   CUDA_CHECK(cudaMemset(w.p, 0x3c, wbytes * copies));  // small finite values; the time does not depend on them
+  CUDA_CHECK(cudaMemset(scales.p, 0x1c, scales.bytes));
   CUDA_CHECK(cudaMemset(x.p, 0x3c, x.bytes));
   EpiResidual e{};
   e.rows = rows;
@@ -238,10 +241,17 @@ template <typename T> BufferMap gemv_bench(const Ctx& c) {
   CUDA_CHECK(cudaMemset(resid.p, 0x3c, resid.bytes));
   CUDA_CHECK(cudaMemset(gain.p, 0x3c, gain.bytes));
   const bool norm = c.i("norm") != 0;  // the prologue of the QKV, gate/up and LM-head products
+  auto with_weights = [&](int i, auto&& f) {
+    const char* wi = w.as<char>() + (i % copies) * wbytes;
+    if (quant == 0) f(DenseW<T>{reinterpret_cast<const T*>(wi), cols});
+    else if (quant == 1) f(Int8W<T>{reinterpret_cast<const int8_t*>(wi), scales.as<half>(), cols});
+    else f(Int4W<T>::make(reinterpret_cast<const uint8_t*>(wi), scales.as<half>(), cols, group));
+  };
   auto run = [&](int i) {
-    const DenseW<T> wi{reinterpret_cast<const T*>(w.as<char>() + (i % copies) * wbytes), cols};
-    if (norm) gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), 1e-5f}, e);
-    else gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProPlain<T>{x.as<T>(), cols}, e);
+    with_weights(i, [&](const auto& wi) {
+      if (norm) gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), 1e-5f}, e);
+      else gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProPlain<T>{x.as<T>(), cols}, e);
+    });
   };
   run(0);  // configures the kernel outside the capture
   cudaGraph_t graph;

@@ -258,7 +258,7 @@ template <typename T, int HD> class Runner final : public Model {
     switch (d_.quant) {
       case Quant::None: return f(DenseW<T>{(const T*)lin.data, cols});
       case Quant::Int8: return f(Int8W<T>{(const int8_t*)lin.data, lin.scales, cols});
-      case Quant::Int4: return f(Int4W<T>{(const uint8_t*)lin.data, lin.scales, cols, d_.group});
+      case Quant::Int4: return f(Int4W<T>::make((const uint8_t*)lin.data, lin.scales, cols, d_.group));
     }
   }
 
@@ -606,17 +606,19 @@ template <typename T, int HD> class Runner final : public Model {
     const int rows = std::min(bucket(in.num_seqs), o_.max_seqs);
     const Shape sh = stage(in, rows);
     CUDA_CHECK(cudaMemsetAsync(step_idx_, 0, sizeof(int), stream_));
-    const Launch l = launch_config();
     if (o_.graphs) {
       cudaGraphExec_t exec = graph(sh, in.top_n);
       for (int k = 0; k < in.steps; k++) CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     } else {
-      for (int k = 0; k < in.steps; k++) {
-        forward(sh, in.top_n);
-        advance(l, rows, in.top_n);
-      }
+      for (int k = 0; k < in.steps; k++) decode_step(sh, in.top_n);
     }
     return collect(in, rows, in.steps, out_tokens_, out_logprobs_, out_top_ids_, out_top_lps_);
+  }
+
+  // One decode step as graphs capture it: the forward pass, then the sampled tokens fed back as the next inputs.
+  void decode_step(const Shape& sh, int top_n) {
+    forward(sh, top_n);
+    advance(launch_config(), sh.seqs, top_n);
   }
 
   cudaGraphExec_t graph(const Shape& sh, int top_n) {
@@ -625,14 +627,14 @@ template <typename T, int HD> class Runner final : public Model {
     if (it != graphs_.end()) return it->second;
     // One eager run first: kernels load, cuBLASLt tunes its shapes (it cannot while capturing). It computes
     // exactly what the first replay recomputes (same K/V slots, same sample), so it changes nothing.
-    gemm_.set_tuning(true);
-    forward(sh, top_n);
-    gemm_.set_tuning(false);
+    {
+      Gemm::Tuning tuning(gemm_);
+      forward(sh, top_n);
+    }
     cudaGraph_t g = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
-      forward(sh, top_n);
-      advance(launch_config(), sh.seqs, top_n);
+      decode_step(sh, top_n);
     } catch (...) {
       cudaStreamEndCapture(stream_, &g);
       if (g) cudaGraphDestroy(g);
@@ -738,8 +740,9 @@ std::unique_ptr<Model> create_model(const ModelDims& d, const RunnerOptions& o) 
   if (d.hidden % 8 || d.layers[0].inter % 8) throw CudaError("the CUDA backend needs hidden and MLP sizes that are multiples of 8");
   if (d.quant == Quant::Int8 && (d.hidden % 16 || d.layers[0].inter % 16 || (d.layers[0].heads * hd) % 16))
     throw CudaError("int8 weights on the CUDA backend need layer widths that are multiples of 16");
-  if (d.quant == Quant::Int4 && (d.group % 32 || d.hidden % d.group || d.layers[0].inter % d.group || (d.layers[0].heads * hd) % d.group))
-    throw CudaError("int4 weights on the CUDA backend need a group size that is a multiple of 32 and divides every layer width");
+  const bool group_ok = d.group >= 32 && (d.group & (d.group - 1)) == 0;
+  if (d.quant == Quant::Int4 && (!group_ok || d.hidden % d.group || d.layers[0].inter % d.group || (d.layers[0].heads * hd) % d.group))
+    throw CudaError("int4 weights on the CUDA backend need a group size of 32 x a power of two (32, 64, 128, ...) that divides every layer width");
   if (o.max_tokens < o.max_seqs) throw CudaError("max tokens per step must be at least the max sequences per step");
   if (d.dtype == DType::F16) {
     if (hd == 64) return std::make_unique<Runner<half, 64>>(d, o);
