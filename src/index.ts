@@ -8,6 +8,7 @@ export {
   type GenerateEvent,
   type GenerateRequest,
   type GenerateTimings,
+  type PromptEvent,
   type TextEvent,
   type TokenEvent,
   type TopLogprob,

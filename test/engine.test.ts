@@ -45,7 +45,7 @@ describe("Engine", () => {
     assert.equal(done.finishReason, "length");
     assert.deepEqual(done.promptTokens, testTokenizer().encode("def fib(n):\n"));
     assert.deepEqual(done.tokens, tokens.map((e) => e.id));
-    const texts = events.flatMap((e) => (e.type === "done" ? [] : [e.text])).join("");
+    const texts = events.flatMap((e) => (e.type === "token" || e.type === "text" ? [e.text] : [])).join("");
     assert.equal(texts, done.text);
     for (const e of tokens) assert.ok(e.logprob <= 0 && e.logprob > -50);
     assert.ok(done.timings.timeToFirstTokenMs >= done.timings.queuedMs);
@@ -151,8 +151,13 @@ describe("Engine", () => {
     const { engine } = await tinyEngine();
     const prompt = promptOf(20, 9);
     await engine.complete({ prompt, maxTokens: 1 }); // warms the prefix cache
-    const done = await engine.complete({ prompt, maxTokens: 1, promptLogprobs: true, ...noEos });
+    const events = [];
+    for await (const e of engine.generate({ prompt, maxTokens: 1, promptLogprobs: true, ...noEos })) events.push(e);
+    const done = events.at(-1) as DoneEvent;
     assert.equal(done.cachedPromptTokens, 0);
+    // Streamed first, before any token: the same ids and log-probs as the done event's.
+    assert.deepEqual(events[0], { type: "prompt", tokens: prompt, logprobs: done.promptLogprobs });
+    assert.equal(events[1].type, "token");
     const logits = await engine.logits(prompt);
     assert.equal(logits.length, 20);
     assert.equal(logits[0].length, 1024);
@@ -191,7 +196,7 @@ describe("Engine", () => {
     const done = doneOf(events);
     assert.equal(done.finishReason, "stop");
     assert.equal(done.text, free.text.slice(0, cut));
-    assert.equal(events.flatMap((e) => (e.type === "done" ? [] : [e.text])).join(""), done.text);
+    assert.equal(events.flatMap((e) => (e.type === "token" || e.type === "text" ? [e.text] : [])).join(""), done.text);
     assertPoolEmpty(engine);
     await engine.close();
   });

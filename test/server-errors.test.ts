@@ -84,7 +84,6 @@ describe("server: bad requests", () => {
       [{ model: "tiny", prompt: "x", stop: ["a", 3] }, "stop", /^stop: /],
       [{ model: "tiny", prompt: "x", n: 0 }, "n", /^n: Too small/],
       [{ model: "tiny", prompt: [[1, 2], ["x"]] }, "prompt", /^prompt: /],
-      [{ model: "tiny", prompt: "x", echo: true, logprobs: 1, stream: true }, "echo", /not available when streaming/],
     ];
     for (const [body, param, message] of cases) {
       const res = await post(body);

@@ -151,6 +151,20 @@ describe("server: OpenAI completions", () => {
     assert.deepEqual(lp.token_logprobs!.slice(n), expected.tokens.map((e) => e.logprob));
   });
 
+  it("streams the echo with its prompt logprobs first, then the completion's, as the whole response has them", async () => {
+    const request = { model: "tiny", prompt: PROMPT, max_tokens: 4, echo: true, logprobs: 1, ...greedy } as const;
+    const whole = (await client.completions.create(request)).choices[0];
+    const stream = await client.completions.create({ ...request, stream: true });
+    const chunks: OpenAI.CompletionChoice[] = [];
+    for await (const chunk of stream) chunks.push(...chunk.choices);
+    assert.equal(chunks[0].text, PROMPT);
+    assert.equal(chunks[0].logprobs!.tokens!.join(""), PROMPT);
+    assert.equal(chunks.map((c) => c.text).join(""), whole.text);
+    const streamed = chunks.flatMap((c) => c.logprobs?.token_logprobs ?? []);
+    assert.deepEqual(streamed, whole.logprobs!.token_logprobs);
+    assert.deepEqual(chunks.flatMap((c) => c.logprobs?.text_offset ?? []), whole.logprobs!.text_offset);
+  });
+
   it("stops before a stop string", async () => {
     const free = await direct(engine, { prompt: PROMPT, maxTokens: 16, ignoreEos: true });
     const stop = free.text.slice(5, 7);

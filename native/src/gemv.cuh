@@ -437,9 +437,7 @@ template <typename K> int resident_blocks(K kernel, size_t smem) {
 
 template <typename T, int B, class W, class Pro, class Epi>
 void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  // Loads in flight per lane and row: 8 x 16 bytes, or 4 where a vector carries a scale and two
-  // activation rows would otherwise spill registers (int4 at batch 2 ran at a third of its batch-1 speed).
-  constexpr int P = sizeof(typename W::Vec) > 16 && B > 1 ? 4 : 8;
+  constexpr int P = 8;
   auto kernel = gemv_kernel<T, B, P, W, Pro, Epi>;
   const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once

@@ -42,6 +42,14 @@ export interface TextEvent {
   text: string;
 }
 
+/** With `promptLogprobs`: once the prompt is computed, before any token, its ids and their log-probs. */
+export interface PromptEvent {
+  type: "prompt";
+  tokens: number[];
+  /** log P(tokens[i] | tokens[..i]); null for the first. */
+  logprobs: (number | null)[];
+}
+
 export interface GenerateTimings {
   queuedMs: number;
   timeToFirstTokenMs: number;
@@ -63,7 +71,7 @@ export interface DoneEvent {
   timings: GenerateTimings;
 }
 
-export type GenerateEvent = TokenEvent | TextEvent | DoneEvent;
+export type GenerateEvent = TokenEvent | TextEvent | PromptEvent | DoneEvent;
 
 /** For metrics: the counts now, and totals since the engine started. */
 export interface EngineStats {
@@ -100,6 +108,8 @@ export interface EngineLoadOptions extends SchedulerOptions {
 interface Taken {
   seq: Sequence;
   at: number[];
+  /** Its prompt's last chunk was in the step. */
+  promptDone: boolean;
 }
 
 interface Request {
@@ -350,12 +360,11 @@ export class Engine {
     step.seqs.forEach((seq, i) => {
       if (seq.finishReason !== null) return; // a stop string ended it after this step was launched
       // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
-      if (seq.inPrefill) {
-        if (result.logits && seq.needsPromptLogits) {
-          seq.takePromptLogits(result.logits, queryStarts[i], step.queryLens[i], this.config.vocabSize);
-        }
-        if (seq.computed + step.queryLens[i] === seq.promptLen) this.promptTokensTotal += seq.promptLen;
+      const promptDone = seq.inPrefill && seq.computed + step.queryLens[i] === seq.promptLen;
+      if (seq.inPrefill && result.logits && seq.needsPromptLogits) {
+        seq.takePromptLogits(result.logits, queryStarts[i], step.queryLens[i], this.config.vocabSize);
       }
+      if (promptDone) this.promptTokensTotal += seq.promptLen;
       // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
       // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped; a cancelled
       // sequence is ended by the next launch().
@@ -369,16 +378,19 @@ export class Engine {
         }
       }
       if (seq.finishReason !== null) this.scheduler.remove(seq);
-      if (at.length > 0 || seq.finishReason !== null) taken.push({ seq, at });
+      if (at.length > 0 || promptDone || seq.finishReason !== null) taken.push({ seq, at, promptDone });
     });
     return taken;
   }
 
   /** Taken tokens as text and token events (result entries `at`, step-major); ended sequences' done events. */
   private emit(taken: Taken[], result: StepResult, width: number): void {
-    for (const { seq, at } of taken) {
+    for (const { seq, at, promptDone } of taken) {
       const req = this.requests.get(seq);
       if (!req) continue; // cancelled since, and ended already
+      if (promptDone && seq.promptLogprobs && seq.kind === "generate") {
+        req.events.push({ type: "prompt", tokens: seq.tokens.slice(0, seq.promptLen), logprobs: [...seq.promptLogprobs] });
+      }
       for (const i of at) {
         const text = seq.detokenizeNext();
         if (text === null) break; // a stop string ended the sequence before this token

@@ -80,7 +80,7 @@ async function* chatChunks(ctx: RouteContext, body: ChatBody, head: object, batc
       } else if (event.type === "token" && (event.text || body.logprobs)) {
         const logprobs = body.logprobs ? { content: chatLogprobs(ctx.engine.tokenizer, [event]), refusal: null } : null;
         out.push(chunk(index, { content: event.text }, logprobs, null));
-      } else if (event.text) {
+      } else if (event.type === "text" && event.text) {
         out.push(chunk(index, { content: event.text }, null, null));
       }
     }

@@ -16,10 +16,6 @@ export async function completions(ctx: RouteContext, request: FastifyRequest, re
   const model = ctx.checkModel(body.model);
   const withLogprobs = body.logprobs != null;
   if (body.echo && body.suffix != null) throw new ApiError(400, "echo: not available together with suffix", "echo");
-  // The engine reports prompt log-probs with a request's last event, too late for a stream's first chunk.
-  if (body.echo && withLogprobs && body.stream) {
-    throw new ApiError(400, "echo: echo with logprobs is not available when streaming", "echo");
-  }
 
   const prompts = promptList(body.prompt);
   const n = body.n ?? 1;
@@ -64,7 +60,10 @@ function echoText(ctx: RouteContext, prompt: string | number[]): string {
   return typeof prompt === "string" ? prompt : ctx.engine.tokenizer.decode(prompt);
 }
 
-/** A stream's chunks: each choice's echo first, then a chunk per piece of text, a last one per choice. */
+/**
+ * A stream's chunks: each choice's echo first (with logprobs, once the engine has computed the prompt's),
+ * then a chunk per piece of text, a last one per choice.
+ */
 async function* completionChunks(
   ctx: RouteContext,
   body: CompletionBody,
@@ -79,19 +78,22 @@ async function* completionChunks(
     ...(withUsage ? { usage: null } : {}),
   });
   const offsets = echoes.map((e) => e.length);
-  yield echoes.flatMap((echo, index) => (echo ? [chunk(index, echo, null, null)] : []));
+  const echoLogprobs = body.echo === true && body.logprobs != null;
+  if (!echoLogprobs) yield echoes.flatMap((echo, index) => (echo ? [chunk(index, echo, null, null)] : []));
   const dones: DoneEvent[] = [];
   for await (const batch of batches) {
     const out: object[] = [];
     for (const { index, event } of batch) {
-      if (event.type === "done") {
+      if (event.type === "prompt") {
+        out.push(chunk(index, echoes[index], promptCompletionLogprobs(ctx.engine.tokenizer, event.tokens, event.logprobs), null));
+      } else if (event.type === "done") {
         dones[index] = event;
         out.push(chunk(index, "", null, event.finishReason));
       } else if (event.type === "token" && (event.text || body.logprobs != null)) {
         const logprobs = body.logprobs == null ? null : completionLogprobs(ctx.engine.tokenizer, [event], offsets[index]);
         offsets[index] += event.text.length;
         out.push(chunk(index, event.text, logprobs, null));
-      } else if (event.text) {
+      } else if (event.type === "text" && event.text) {
         offsets[index] += event.text.length;
         out.push(chunk(index, event.text, null, null));
       }

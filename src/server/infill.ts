@@ -61,7 +61,7 @@ async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: 
         out.push(infillResult(ctx, body, event, ""));
       } else {
         if (event.type === "token") predicted++;
-        if (event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
+        if (event.type !== "prompt" && event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
       }
     }
     yield out;

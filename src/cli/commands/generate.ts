@@ -100,7 +100,7 @@ async function stream(engine: Engine, request: GenerateRequest, out: NodeJS.Writ
     let done: DoneEvent | undefined;
     for await (const event of engine.generate({ ...request, signal: abort.signal })) {
       if (event.type === "done") done = event;
-      else if (event.text) out?.write(event.text);
+      else if (event.type !== "prompt" && event.text) out?.write(event.text);
     }
     return done!; // every request ends with one
   } finally {
