@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything decima checks on the GPU machine, in one call of the device tool (few, full calls):
-#   tools/gpu-check.sh [tests] [parity] [bench] [anchors] [fixtures]
+#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
+#   (profile after quant also profiles the int4 engine)
 # It expects the build from this machine carried along: dist/, build/native/decima.node, .device/ (node),
 # .carry/node_modules (production dependencies). Logs and results go to $OUT.
 set -uo pipefail
@@ -22,7 +23,7 @@ if has tests; then
   node --test --test-reporter=spec dist/test/cuda-kernels.test.js dist/test/cuda-backend.test.js 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^\s*(✔|✖|ℹ)|Error|error" | head -80
 fi
 
-if has parity || has bench || has anchors || has profile || has variants || has quant || has serve || has compile; then
+if has parity || has bench || has anchors || has profile || has quant || has serve || has compile; then
   step "create a decicoder-1b-shaped model"
   [ -d $model ] || /usr/bin/time -f "%e s, %M KB" $cli create-model --preset decicoder-1b --out $model
 fi
@@ -88,15 +89,7 @@ fi
 
 if has compile; then
   step "anchors: torch.compile"
-  python3 bench/torch_anchors.py --model $model --batch 1 --prompt-len 128 --gen-len 256 --compile 2>&1 | grep -v Warning | tail -1 | tee -a "$OUT/anchors.jsonl"
-fi
-
-if has variants; then
-  step "decode through the fused GEMV kernels or cuBLASLt, by batch"
-  for g in 16 2; do
-    echo "DECIMA_GEMV_MAX_BATCH=$g"
-    DECIMA_GEMV_MAX_BATCH=$g $cli bench --model $model --device cuda --batch 4,8,16 --prompt-len 128 --gen-len 128 --repeat 2 | tail -4
-  done
+  python3 bench/torch_anchors.py --model $model --batch 1 32 --prompt-len 128 --gen-len 256 --compile 2>&1 | grep -v Warning | tail -8 | tee -a "$OUT/anchors.jsonl"
 fi
 
 if has kernels; then
@@ -109,6 +102,9 @@ if has profile; then
   for b in 1 32; do
     DECIMA_PROFILE=1 $cli bench --model $model --device cuda --batch $b --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -22 | tee -a "$OUT/profile.txt"
   done
+  if [ -d /tmp/dc1b-int4 ]; then  # made by the quant section
+    DECIMA_PROFILE=1 $cli bench --model /tmp/dc1b-int4 --device cuda --batch 1 --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -22 | tee -a "$OUT/profile.txt"
+  fi
 fi
 
 if has anchors; then
