@@ -266,13 +266,17 @@ struct RowsLinear {
   __device__ bool valid(int row) const { return row < rows; }
 };
 
-// residual[b][r] += y: the O and down projections add straight into the fp32 residual stream.
+// residual[b][r] += y: the O and down projections add straight into the fp32 residual stream. Both reads
+// leave before either write (one memory round trip, not two).
 struct EpiResidual : RowsLinear {
   float* resid;
   int ld;
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
-    if (valid(t.lo + i)) resid[(size_t)b * ld + t.lo + i] += lo;
-    if (valid(t.hi + i)) resid[(size_t)b * ld + t.hi + i] += hi;
+    float* r = resid + (size_t)b * ld;
+    const bool has_lo = valid(t.lo + i), has_hi = valid(t.hi + i);
+    const float old_lo = has_lo ? r[t.lo + i] : 0.f, old_hi = has_hi ? r[t.hi + i] : 0.f;
+    if (has_lo) r[t.lo + i] = old_lo + lo;
+    if (has_hi) r[t.hi + i] = old_hi + hi;
   }
 };
 
@@ -409,13 +413,17 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
         w.template dot<B>(w_hi[u], v, xs, stride, acc_hi);
       }
       load(j + P, w_lo[u], w_hi[u]);
-      if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp, lane 0 stores
+      if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp
+        // Every lane gets the sums; lane b stores batch row b, so the rows' stores (read-modify-writes
+        // for the residual) go out together instead of one after another.
+        float lo = 0.f, hi = 0.f;
 #pragma unroll
         for (int b = 0; b < B; b++) {
-          const float lo = warp_sum(acc_lo[b]), hi = warp_sum(acc_hi[b]);
-          if (lane == 0 && b < batch) epi.store(t, warp, b, lo, hi);
+          const float s_lo = warp_sum(acc_lo[b]), s_hi = warp_sum(acc_hi[b]);
+          if (lane == b) lo = s_lo, hi = s_hi;
           acc_lo[b] = acc_hi[b] = 0.f;
         }
+        if (lane < batch) epi.store(t, warp, lane, lo, hi);
       }
     }
   }
