@@ -70,12 +70,14 @@ fi
 
 if has serve; then
   step "server: concurrent streaming clients (server and load generator in separate processes)"
+  started=$(date +%s.%N)
   $cli serve --model $model --device cuda --port 8123 > "$OUT/serve.log" 2>&1 &
   server=$!
-  for i in $(seq 120); do
+  for i in $(seq 240); do
     node -e 'fetch("http://127.0.0.1:8123/health").then(r=>process.exit(r.ok?0:1),()=>process.exit(1))' && break
-    sleep 0.5
+    sleep 0.25
   done
+  echo "server ready in $(python3 -c "print(round($(date +%s.%N) - $started, 2))") s (load, and every batch size's decode graph)"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 64 --prompt-len 512 --gen-len 128 > /dev/null  # warm-up
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 | tee "$OUT/bench-serve.txt"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 1024 --prompt-len 512 --gen-len 128 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"

@@ -161,7 +161,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Warmup(const Napi::CallbackInfo& info) {
     decima::Model& m = model(info.Env());
     try {
-      m.warmup();
+      m.warmup(info.Length() > 0 ? info[0].As<Napi::Number>().Int32Value() : 1);
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }

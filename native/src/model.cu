@@ -179,30 +179,38 @@ template <typename T, int HD> class Runner final : public Model {
     close(fd);
   }
 
-  void warmup() override {
-    for (const int len : {16, 1}) {
-      StepInput in;
-      in.num_tokens = len;
-      in.num_seqs = 1;
-      in.table_width = 1;
-      in.tokens.assign(len, 0);
-      in.query_starts = {0, len};
-      in.context_lens = {std::min(len, o_.block_size)};
-      if (len > o_.block_size) throw CudaError("warm-up: block size under 16");
-      in.block_tables = {0};
-      in.sample = {1};
-      in.temperature = {0.f};
-      in.top_k = {0};
-      in.top_p = {1.f};
-      in.min_p = {0.f};
-      in.repetition = {1.f};
-      in.frequency = {0.f};
-      in.presence = {0.f};
-      in.seed = {0};
-      in.counter = {0};
-      in.pen_starts = {0, 0};
-      step(in);
+  void warmup(int max_seqs) override {
+    if (o_.block_size < 16) throw CudaError("warm-up: block size under 16");
+    step(warmup_input(1, 16));  // a prefill
+    const int top = std::min(max_seqs, o_.max_seqs);
+    for (int seqs = 1;; seqs = bucket(seqs + 1)) {
+      step(warmup_input(std::min(seqs, top), 1));  // decodes: each bucket's graph
+      if (seqs >= top) break;
     }
+  }
+
+  // `seqs` sequences of `len` new tokens each, all on block 0 (their K/V overwrite each other: nothing reads them).
+  static StepInput warmup_input(int seqs, int len) {
+    StepInput in;
+    in.num_tokens = seqs * len;
+    in.num_seqs = seqs;
+    in.table_width = 1;
+    in.tokens.assign(in.num_tokens, 0);
+    for (int s = 0; s <= seqs; s++) in.query_starts.push_back(s * len);
+    in.context_lens.assign(seqs, len);
+    in.block_tables.assign(seqs, 0);
+    in.sample.assign(seqs, 1);
+    in.temperature.assign(seqs, 0.f);
+    in.top_k.assign(seqs, 0);
+    in.top_p.assign(seqs, 1.f);
+    in.min_p.assign(seqs, 0.f);
+    in.repetition.assign(seqs, 1.f);
+    in.frequency.assign(seqs, 0.f);
+    in.presence.assign(seqs, 0.f);
+    in.seed.assign(seqs, 0);
+    in.counter.assign(seqs, 0);
+    in.pen_starts.assign(seqs + 1, 0);
+    return in;
   }
 
   StepOutput step(const StepInput& in) override {

@@ -72,9 +72,10 @@ class Model {
   // next chunk is read, so loading runs at the page cache's pace, not through the JavaScript heap.
   virtual void upload_file(const std::string& name, int layer, const std::string& path, size_t offset, size_t bytes) = 0;
   virtual StepOutput step(const StepInput& in) = 0;
-  // Run a short prefill and a decode step on block 0 of the (still empty) pool, so that module loading,
-  // cuBLASLt's first plans and the batch-1 decode graph are done at load, not in the first request.
-  virtual void warmup() = 0;
+  // Run a short prefill and decode steps on block 0 of the (still empty) pool, so that module loading,
+  // cuBLASLt's first plans and the decode graphs of every batch size up to `max_seqs` (its bucket's
+  // graph: tuned and captured) are done at load, not in a request.
+  virtual void warmup(int max_seqs) = 0;
   virtual int kv_blocks() const = 0;
   virtual std::vector<WeightInfo> weights() const = 0;
   virtual std::string describe() const = 0;

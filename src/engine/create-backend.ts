@@ -18,6 +18,8 @@ export interface BackendOptions {
   kvMemoryFraction?: number;
   maxBatchTokens?: number;
   maxBatchSeqs?: number;
+  /** A device's decode graphs captured at load for batches up to this many sequences (CUDA; default 1). */
+  warmupSeqs?: number;
 }
 
 /** `auto` means CUDA where a GPU and the native addon are there, else the CPU. */

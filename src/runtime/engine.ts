@@ -102,6 +102,11 @@ export interface EngineLoadOptions extends SchedulerOptions {
   numBlocks?: number;
   blockSize?: number;
   kvMemoryFraction?: number;
+  /**
+   * On the GPU, tune and capture the decode graphs of every batch size up to this many sequences at load
+   * (default 1): servers want them all, or a batch size met for the first time stalls a step.
+   */
+  warmupSeqs?: number;
 }
 
 /** A sequence's tokens taken from a step's result (entries `at`), waiting to become text and events. */
@@ -149,6 +154,7 @@ export class Engine {
       numBlocks: opts.numBlocks,
       blockSize: opts.blockSize,
       kvMemoryFraction: opts.kvMemoryFraction,
+      warmupSeqs: opts.warmupSeqs,
     });
     try {
       return new Engine({ ...opts, backend, tokenizer, modelId: opts.model });

@@ -63,6 +63,7 @@ export async function startServing(opts: ServingOptions, host: string, port: num
     kvMemoryFraction: opts.kvMemoryFraction,
     numBlocks: opts.numBlocks,
     prefixCaching: opts.prefixCaching,
+    warmupSeqs: Number.MAX_SAFE_INTEGER, // every batch size the engine may run: no step waits for a capture
   });
   const app = buildServer(engine, { apiKey: opts.apiKey, servedModelName: opts.servedModelName });
   const close = async () => {

@@ -20,6 +20,12 @@ export interface CudaBackendOptions {
   graphs?: boolean;
   /** Overlap consecutive kernels with programmatic dependent launch (default true; DECIMA_PDL=0). */
   pdl?: boolean;
+  /**
+   * At load, tune and capture the decode graphs of every batch size up to this many sequences (default 1).
+   * A server wants them all: a batch size met for the first time costs its GEMMs' tuning and a capture
+   * (tens of milliseconds) inside a request.
+   */
+  warmupSeqs?: number;
 }
 
 /**
@@ -112,7 +118,7 @@ export class CudaBackend implements Backend {
     );
     try {
       fill(model);
-      nativeCall(() => model.warmup());
+      nativeCall(() => model.warmup(Math.min(opts.warmupSeqs ?? 1, limits.seqs)));
     } catch (err) {
       model.close();
       throw err;

@@ -77,8 +77,8 @@ export interface NativeModel {
   /** The same from bytes [offset, offset + bytes) of a file. */
   uploadFile(name: string, layer: number, path: string, offset: number, bytes: number): void;
   step(input: NativeStep): Promise<NativeStepResult>;
-  /** A prefill and a decode step on the empty pool: kernels loaded and the batch-1 graph captured at load. */
-  warmup(): void;
+  /** A prefill and decode steps on the empty pool: kernels loaded, the decode graphs of batches up to `maxSeqs` captured. */
+  warmup(maxSeqs: number): void;
   close(): void;
 }
 
