@@ -45,7 +45,22 @@ describe("bench-serve's load", () => {
       assert.equal(report.requests + report.errors, 6);
       assert.ok(report.errors > 0);
       assert.match(report.firstErrors[0], /^HTTP 503: .*already waiting/);
-      assert.equal(report.prefixCache, null);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("sends each run its own prompts unless given the seed of another", async () => {
+    const { engine } = await tinyEngine({ blockSize: 16 });
+    const server = await startServer(engine);
+    try {
+      const load = { url: server.url, clients: 2, requests: 4, promptLen: 40, genLen: 2, sharedPrefix: 0 };
+      const first = await runLoad(load);
+      const fresh = await runLoad(load);
+      assert.notEqual(fresh.seed, first.seed);
+      assert.equal(fresh.prefixCache.hitRate, 0, "nothing of the first run's prompts is found");
+      const again = await runLoad({ ...load, seed: first.seed });
+      assert.equal(again.prefixCache.prefillTokensSaved, 4 * 32, "the same prompts: two full blocks each from the cache");
     } finally {
       await server.close();
     }

@@ -1,3 +1,4 @@
+import { randomInt } from "node:crypto";
 import { fail, oneLine } from "../errors.js";
 import { Rng } from "../model/random.js";
 
@@ -26,6 +27,10 @@ export interface LoadOptions {
   rampUpS?: number;
   /** Read the server's memory and KV pool from /metrics this often during the run (seconds). */
   sampleEveryS?: number;
+  /**
+   * Seed of the random prompts (default: a new one each run). Runs with the same seed send the same
+   * prompts, which the server's prefix cache then serves from earlier runs' blocks.
+   */
   seed?: number;
 }
 
@@ -50,6 +55,7 @@ export interface LoadReport {
   genLen: number;
   sharedPrefix: number;
   rampUpS: number;
+  seed: number;
   /** Requests that completed. */
   requests: number;
   errors: number;
@@ -64,8 +70,11 @@ export interface LoadReport {
   interTokenLatencyMs: Percentiles;
   /** Per request: from its first token to its last, per token after the first. */
   timePerOutputTokenMs: Percentiles;
-  /** Over the run, with a shared prefix: full prompt blocks found cached, and prompt tokens not prefilled. */
-  prefixCache: { hitRate: number; prefillTokensSaved: number } | null;
+  /**
+   * Over the run: full prompt blocks found cached, and prompt tokens not prefilled (near 0 without a shared
+   * prefix: each run's prompts are its own).
+   */
+  prefixCache: { hitRate: number; prefillTokensSaved: number };
   samples: ServerSample[];
   /** KV blocks still held once every request has ended: 0 unless blocks leak. */
   kvBlocksUsedAtEnd: number;
@@ -91,7 +100,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   const server = new ServerView(opts.url, headers);
   const model = await server.modelId();
 
-  const rng = new Rng(opts.seed ?? 0);
+  const seed = opts.seed ?? randomInt(2 ** 31);
+  const rng = new Rng(seed);
   const randomIds = (n: number) => Array.from({ length: n }, () => TOKEN_IDS.from + (rng.nextU32() % (TOKEN_IDS.to - TOKEN_IDS.from)));
   const prefix = randomIds(opts.sharedPrefix);
   const body = () => ({
@@ -138,6 +148,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     genLen: opts.genLen,
     sharedPrefix: opts.sharedPrefix,
     rampUpS: opts.rampUpS ?? 0,
+    seed,
     requests: ok.length,
     errors: results.length - ok.length,
     firstErrors: [...new Set(results.flatMap((r) => (r.error === undefined ? [] : [r.error])))].slice(0, MAX_ERRORS_SHOWN),
@@ -148,13 +159,10 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     timeToFirstTokenMs: percentiles(ok.map((r) => r.ttftMs!)),
     interTokenLatencyMs: percentiles(ok.flatMap((r) => r.gapsMs!)),
     timePerOutputTokenMs: percentiles(ok.filter((r) => r.outputTokens! > 1).map((r) => r.decodeMs! / (r.outputTokens! - 1))),
-    prefixCache:
-      opts.sharedPrefix > 0
-        ? {
-            hitRate: queries > 0 ? delta("decima_prefix_cache_hits_total") / queries : 0,
-            prefillTokensSaved: delta("decima_cached_prompt_tokens_total"),
-          }
-        : null,
+    prefixCache: {
+      hitRate: queries > 0 ? delta("decima_prefix_cache_hits_total") / queries : 0,
+      prefillTokensSaved: delta("decima_cached_prompt_tokens_total"),
+    },
     samples,
     kvBlocksUsedAtEnd: await server.settledKvBlocks(),
   };

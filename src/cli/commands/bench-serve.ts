@@ -14,6 +14,7 @@ interface BenchServeOptions extends Omit<ServingOptions, "model"> {
   genLen: number;
   sharedPrefix: number;
   rampUp: number;
+  seed?: number;
   soak?: boolean;
   json?: boolean;
 }
@@ -34,6 +35,7 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "generated tokens per request (exactly: ignore_eos)", { min: 1 }).default(128))
     .addOption(integerOption("--shared-prefix <n>", "leading prompt tokens common to every request", { min: 0 }).default(0))
     .addOption(numberOption("--ramp-up <s>", "start the clients evenly over this many seconds instead of all at once", { min: 0 }).default(0))
+    .addOption(integerOption("--seed <n>", "seed of the random prompts (default: a new one each run, so that no run finds another's prompts cached)", { min: 0 }))
     .option(
       "--soak",
       `run for --duration (default ${SOAK_DURATION_S} s), reading the server's memory and KV pool every ${SOAK_SAMPLE_EVERY_S} s; ` +
@@ -56,6 +58,7 @@ async function benchServe(opts: BenchServeOptions): Promise<void> {
     genLen: opts.genLen,
     sharedPrefix: opts.sharedPrefix,
     rampUpS: opts.rampUp,
+    seed: opts.seed,
     sampleEveryS: opts.soak ? Math.min(SOAK_SAMPLE_EVERY_S, (durationS ?? SOAK_DURATION_S) / 10) : undefined,
   };
   let report: LoadReport;
@@ -86,11 +89,9 @@ function table(r: LoadReport, soak: SoakVerdict | null): string {
     ["time to first token", `p50 ${n(r.timeToFirstTokenMs.p50)} ms, p99 ${n(r.timeToFirstTokenMs.p99)} ms`],
     ["inter-token latency", `p50 ${n(r.interTokenLatencyMs.p50, 2)} ms, p99 ${n(r.interTokenLatencyMs.p99, 2)} ms`],
     ["time per output token", `p50 ${n(r.timePerOutputTokenMs.p50, 2)} ms, p99 ${n(r.timePerOutputTokenMs.p99, 2)} ms`],
+    ["prefix cache", `hit rate ${n(r.prefixCache.hitRate * 100)}%, ${n(r.prefixCache.prefillTokensSaved, 0)} prefill tokens saved`],
+    ["KV blocks at the end", String(r.kvBlocksUsedAtEnd)],
   ];
-  if (r.prefixCache) {
-    rows.push(["prefix cache", `hit rate ${n(r.prefixCache.hitRate * 100)}%, ${n(r.prefixCache.prefillTokensSaved, 0)} prefill tokens saved`]);
-  }
-  rows.push(["KV blocks at the end", String(r.kvBlocksUsedAtEnd)]);
   if (soak) {
     const m = soak.rssMiB;
     rows.push(["RSS (MiB)", `first ${n(m.first, 0)}, after warm-up ${n(m.afterWarmup, 0)}, last ${n(m.last, 0)}, peak ${n(m.peak, 0)}`]);
@@ -99,7 +100,8 @@ function table(r: LoadReport, soak: SoakVerdict | null): string {
   for (const e of r.firstErrors) rows.push(["error", e]);
   const head = `${r.model}: ${r.clients} clients, ${r.promptLen} prompt + ${r.genLen} generated tokens` +
     (r.sharedPrefix > 0 ? ` (${r.sharedPrefix} shared)` : "") +
-    (r.rampUpS > 0 ? `, clients started over ${r.rampUpS} s` : "");
+    (r.rampUpS > 0 ? `, clients started over ${r.rampUpS} s` : "") +
+    `, prompt seed ${r.seed}`;
   const width = Math.max(...rows.map(([k]) => k.length));
   return `${head}\n${rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join("\n")}\n`;
 }
