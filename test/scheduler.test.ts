@@ -21,6 +21,7 @@ function scheduler(numBlocks: number, blockSize: number, opts: SchedulerOptions 
 function complete(s: Scheduler, step: ScheduledStep, token = 42): void {
   step.seqs.forEach((seq, i) => {
     s.commit(seq, step.queryLens[i]);
+    s.cache(seq);
     if (step.batch.sample[i]) seq.take(token);
   });
 }

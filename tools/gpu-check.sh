@@ -80,9 +80,9 @@ if has serve; then
   echo "server ready in $(python3 -c "print(round($(date +%s.%N) - $started, 2))") s (load, and every batch size's decode graph)"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 64 --prompt-len 512 --gen-len 128 > /dev/null  # warm-up
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 | tee "$OUT/bench-serve.txt"
-  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 1024 --prompt-len 512 --gen-len 128 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
+  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 2048 --prompt-len 512 --gen-len 128 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 --shared-prefix 400 | tee -a "$OUT/bench-serve.txt"
-  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 1024 --prompt-len 512 --gen-len 128 --shared-prefix 400 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
+  $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 2048 --prompt-len 512 --gen-len 128 --shared-prefix 400 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
   kill $server
   wait $server 2>/dev/null
   step "the same load on a simulated device (the host's share alone)"

@@ -100,7 +100,7 @@ export class BlockManager {
    */
   commit(alloc: BlockAllocation, tokens: readonly number[], written: number): void {
     if (!this.prefixCaching) return;
-    for (let i = alloc.keys.length; (i + 1) * this.blockSize <= written; i++) {
+    for (let i = alloc.keys.length; (i + 1) * this.blockSize <= written && i < alloc.table.length; i++) {
       const key = blockKey(alloc.keys[i - 1], tokens.slice(i * this.blockSize, (i + 1) * this.blockSize));
       alloc.keys.push(key);
       const b = alloc.table[i];

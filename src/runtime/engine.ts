@@ -338,6 +338,7 @@ export class Engine {
       await turn;
       const taken = this.commit(step, result);
       running = this.closed ? null : this.launch();
+      for (const seq of step.seqs) this.scheduler.cache(seq);
       this.emit(taken, result, step.batch.sampling.topLogprobs);
     }
   }

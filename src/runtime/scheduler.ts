@@ -106,7 +106,9 @@ export class Scheduler {
       const i = queue.indexOf(seq);
       if (i >= 0) queue.splice(i, 1);
     }
-    if (seq.blocks) this.blocks.release(seq.blocks);
+    if (!seq.blocks) return;
+    this.cache(seq);
+    this.blocks.release(seq.blocks);
   }
 
   /** The next step's work, or null when there is none. */
@@ -160,11 +162,19 @@ export class Scheduler {
 
   /**
    * After the backend ran a step: `n` more of the sequence's tokens have their K/V in the cache (a prefill
-   * chunk, or one per decode step); full blocks join the prefix cache.
+   * chunk, or one per decode step).
    */
   commit(seq: Sequence, n: number): void {
     seq.computed += n;
-    this.blocks.commit(seq.blocks!, seq.tokens, seq.computed);
+  }
+
+  /**
+   * Offer the sequence's full blocks to the prefix cache. Apart from commit() because hashing the blocks
+   * is the costly part: the engine does it while the device runs the next step. Tokens computed but then
+   * dropped (after a stop string) are not offered.
+   */
+  cache(seq: Sequence): void {
+    if (seq.blocks) this.blocks.commit(seq.blocks, seq.tokens, Math.min(seq.computed, seq.tokens.length));
   }
 
   /**
