@@ -120,7 +120,7 @@ template <typename T> struct DenseW {
       for (int e = 0; e < 8; e++) acc[b] = fmaf(wf[e], x[e], acc[b]);
     }
   }
-  __device__ void values(const Vec& q, int, float* out) const { unpack8(q, out, T()); }
+  __device__ void values(const Vec& q, float (&out)[kPerVec]) const { unpack8(q, out, T()); }
 };
 
 // Four int8 values: each byte, offset to unsigned, becomes the low mantissa byte of 2^23 (a byte permute),
@@ -144,6 +144,23 @@ __device__ __forceinline__ void s4x8_to_float(uint32_t w, float* out) {
   }
 }
 
+// What the quantized formats share once their N values are floats: the dot with x, scaled once per vector.
+template <int N, typename T, int B>
+__device__ __forceinline__ void scaled_dot(const float (&wf)[N], float scale, int v, const T* xs, int stride, float (&acc)[B]) {
+#pragma unroll
+  for (int b = 0; b < B; b++) {
+    float part = 0.f;
+#pragma unroll
+    for (int h = 0; h < N / 8; h++) {
+      float x[8];
+      unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * N + h * 8), x, T());
+#pragma unroll
+      for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
+    }
+    acc[b] = fmaf(part, scale, acc[b]);
+  }
+}
+
 // W8A16: int8 values, a scale per row. The scale travels with each vector (an L1 hit after the row's
 // first), so no tile ends waiting on a load of it.
 template <typename T> struct Int8W {
@@ -158,28 +175,18 @@ template <typename T> struct Int8W {
   __device__ Vec load(int row, int v) const {
     return {load_stream(q + (size_t)row * cols + v * kPerVec), __half2float(scales[row])};
   }
-  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[16];
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
-#pragma unroll
-    for (int i = 0; i < 4; i++) s8x4_to_float(words[i], wf + 4 * i);
-#pragma unroll
-    for (int b = 0; b < B; b++) {
-      float part = 0.f;
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        float x[8];
-        unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
-#pragma unroll
-        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
-      }
-      acc[b] = fmaf(part, w.scale, acc[b]);
-    }
-  }
-  __device__ void values(const Vec& w, int, float* out) const {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
+  static __device__ void to_float(const uint4& q, float (&out)[kPerVec]) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
 #pragma unroll
     for (int i = 0; i < 4; i++) s8x4_to_float(words[i], out + 4 * i);
+  }
+  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[kPerVec];
+    to_float(w.q, wf);
+    scaled_dot(wf, w.scale, v, xs, stride, acc);
+  }
+  __device__ void values(const Vec& w, float (&out)[kPerVec]) const {
+    to_float(w.q, out);
 #pragma unroll
     for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
@@ -206,28 +213,18 @@ template <typename T> struct Int4W {
   __device__ Vec load(int row, int v) const {
     return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
   }
-  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[32];
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
-#pragma unroll
-    for (int i = 0; i < 4; i++) s4x8_to_float(words[i], wf + 8 * i);
-#pragma unroll
-    for (int b = 0; b < B; b++) {
-      float part = 0.f;
-#pragma unroll
-      for (int h = 0; h < 4; h++) {
-        float x[8];
-        unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec + h * 8), x, T());
-#pragma unroll
-        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
-      }
-      acc[b] = fmaf(part, w.scale, acc[b]);
-    }
-  }
-  __device__ void values(const Vec& w, int, float* out) const {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w.q);
+  static __device__ void to_float(const uint4& q, float (&out)[kPerVec]) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
 #pragma unroll
     for (int i = 0; i < 4; i++) s4x8_to_float(words[i], out + 8 * i);
+  }
+  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[kPerVec];
+    to_float(w.q, wf);
+    scaled_dot(wf, w.scale, v, xs, stride, acc);
+  }
+  __device__ void values(const Vec& w, float (&out)[kPerVec]) const {
+    to_float(w.q, out);
 #pragma unroll
     for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
@@ -242,7 +239,7 @@ template <typename T, class W> __global__ void dequantize_kernel(W w, int rows, 
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)rows * vecs; i += (size_t)gridDim.x * blockDim.x) {
     const int row = (int)(i / vecs), v = (int)(i % vecs);
     float f[W::kPerVec];
-    w.values(w.load(row, v), row, f);
+    w.values(w.load(row, v), f);
 #pragma unroll
     for (int c = 0; c < W::kPerVec / 8; c++)
       *reinterpret_cast<uint4*>(out + (size_t)row * w.cols + v * W::kPerVec + c * 8) = pack8<T>(f + c * 8);
