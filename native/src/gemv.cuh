@@ -144,89 +144,74 @@ __device__ __forceinline__ void s4x8_to_float(uint32_t w, float* out) {
   }
 }
 
-// What the quantized formats share once their N values are floats: the dot with x, scaled once per vector.
-template <int N, typename T, int B>
-__device__ __forceinline__ void scaled_dot(const float (&wf)[N], float scale, int v, const T* xs, int stride, float (&acc)[B]) {
-#pragma unroll
-  for (int b = 0; b < B; b++) {
-    float part = 0.f;
-#pragma unroll
-    for (int h = 0; h < N / 8; h++) {
-      float x[8];
-      unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * N + h * 8), x, T());
-#pragma unroll
-      for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
-    }
-    acc[b] = fmaf(part, scale, acc[b]);
-  }
-}
-
-// W8A16: int8 values, a scale per row. The scale travels with each vector (an L1 hit after the row's
-// first), so no tile ends waiting on a load of it.
-template <typename T> struct Int8W {
-  static constexpr int kPerVec = 16;
+// What the quantized formats share: a vector travels with its scale (an L1 hit after the first of its
+// row or group, and no tile ends waiting on a load of it); its N values, made floats by the format's
+// to_float, are dotted with x and scaled once.
+template <typename T, class F, int N> struct ScaledW {
+  static constexpr int kPerVec = N;  // values per 16 bytes
   struct Vec {
     uint4 q;
     float scale;
   };
+  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
+    float wf[N];
+    F::to_float(w.q, wf);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      float part = 0.f;
+#pragma unroll
+      for (int h = 0; h < N / 8; h++) {
+        float x[8];
+        unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * N + h * 8), x, T());
+#pragma unroll
+        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
+      }
+      acc[b] = fmaf(part, w.scale, acc[b]);
+    }
+  }
+  __device__ void values(const Vec& w, float (&out)[N]) const {
+    F::to_float(w.q, out);
+#pragma unroll
+    for (int e = 0; e < N; e++) out[e] *= w.scale;
+  }
+};
+
+// W8A16: int8 values, a scale per row.
+template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
+  using Vec = typename ScaledW<T, Int8W<T>, 16>::Vec;
   const int8_t* q;
   const half* scales;  // [rows]
   int cols;
-  __device__ Vec load(int row, int v) const {
-    return {load_stream(q + (size_t)row * cols + v * kPerVec), __half2float(scales[row])};
-  }
-  static __device__ void to_float(const uint4& q, float (&out)[kPerVec]) {
+  static Int8W make(const int8_t* q, const half* scales, int cols) { return {{}, q, scales, cols}; }
+  __device__ Vec load(int row, int v) const { return {load_stream(q + (size_t)row * cols + v * 16), __half2float(scales[row])}; }
+  static __device__ void to_float(const uint4& q, float (&out)[16]) {
     const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
 #pragma unroll
     for (int i = 0; i < 4; i++) s8x4_to_float(words[i], out + 4 * i);
-  }
-  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[kPerVec];
-    to_float(w.q, wf);
-    scaled_dot(wf, w.scale, v, xs, stride, acc);
-  }
-  __device__ void values(const Vec& w, float (&out)[kPerVec]) const {
-    to_float(w.q, out);
-#pragma unroll
-    for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
 };
 
 // W4A16: int4 values stored as q + 8 (column 2j in the low nibble), a scale per row and group of columns.
 // A 16-byte vector (32 columns) lies inside one group; groups are 32 x a power of two columns, so a
-// vector's group is a shift away. Each vector travels with its scale (both loads leave together).
-template <typename T> struct Int4W {
-  static constexpr int kPerVec = 32;
-  struct Vec {
-    uint4 q;
-    float scale;
-  };
+// vector's group is a shift away.
+template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
+  using Vec = typename ScaledW<T, Int4W<T>, 32>::Vec;
   const uint8_t* q;
   const half* scales;  // [rows][groups]
   int cols, groups, group_shift;
   static Int4W make(const uint8_t* q, const half* scales, int cols, int group) {
     int shift = 0;
-    while ((kPerVec << shift) < group) shift++;
-    if ((kPerVec << shift) != group) throw CudaError("int4: group size " + std::to_string(group) + " is not 32 x a power of two");
-    return {q, scales, cols, cols / group, shift};
+    while ((32 << shift) < group) shift++;
+    if ((32 << shift) != group) throw CudaError("int4: group size " + std::to_string(group) + " is not 32 x a power of two");
+    return {{}, q, scales, cols, cols / group, shift};
   }
   __device__ Vec load(int row, int v) const {
     return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
   }
-  static __device__ void to_float(const uint4& q, float (&out)[kPerVec]) {
+  static __device__ void to_float(const uint4& q, float (&out)[32]) {
     const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
 #pragma unroll
     for (int i = 0; i < 4; i++) s4x8_to_float(words[i], out + 8 * i);
-  }
-  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[kPerVec];
-    to_float(w.q, wf);
-    scaled_dot(wf, w.scale, v, xs, stride, acc);
-  }
-  __device__ void values(const Vec& w, float (&out)[kPerVec]) const {
-    to_float(w.q, out);
-#pragma unroll
-    for (int e = 0; e < kPerVec; e++) out[e] *= w.scale;
   }
 };
 

@@ -110,7 +110,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
     }
   };
   if (quant == 0) with_prologue(DenseW<T>{w.as<T>(), cols});
-  else if (quant == 1) with_prologue(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
+  else if (quant == 1) with_prologue(Int8W<T>::make(w.as<int8_t>(), scales.as<half>(), cols));
   else with_prologue(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
   if (quant) {  // the cuBLASLt path's dequantization too
     Dev dq((size_t)rows * cols * sizeof(T));
@@ -118,7 +118,7 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
       using W = std::decay_t<decltype(wq)>;
       launch(kEager, dequantize_kernel<T, W>, dim3(64), dim3(256), 0, wq, rows, dq.as<T>());
     };
-    if (quant == 1) deq(Int8W<T>{w.as<int8_t>(), scales.as<half>(), cols});
+    if (quant == 1) deq(Int8W<T>::make(w.as<int8_t>(), scales.as<half>(), cols));
     else deq(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
     out["dequantized"] = dq.read();
   }
@@ -244,7 +244,7 @@ template <typename T> BufferMap gemv_bench(const Ctx& c) {
   auto with_weights = [&](int i, auto&& f) {
     const char* wi = w.as<char>() + (i % copies) * wbytes;
     if (quant == 0) f(DenseW<T>{reinterpret_cast<const T*>(wi), cols});
-    else if (quant == 1) f(Int8W<T>{reinterpret_cast<const int8_t*>(wi), scales.as<half>(), cols});
+    else if (quant == 1) f(Int8W<T>::make(reinterpret_cast<const int8_t*>(wi), scales.as<half>(), cols));
     else f(Int4W<T>::make(reinterpret_cast<const uint8_t*>(wi), scales.as<half>(), cols, group));
   };
   auto run = [&](int i) {
