@@ -13,6 +13,7 @@ import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
 import type { Backend, StepBatch, StepResult } from "../src/engine/backend.js";
 import { parseModelConfig } from "../src/model/config.js";
+import { PRESETS, presetConfigJson } from "../src/model/create.js";
 import { Engine } from "../src/runtime/engine.js";
 import { buildServer } from "../src/server/app.js";
 import { buildTokenizerFiles } from "../src/tokenizer/build.js";
@@ -84,18 +85,7 @@ async function main(): Promise<void> {
   const loadArgs = split >= 0 ? argv.slice(split + 1) : [];
   const model = { decodeMs: flag(own, "--decode-ms", 1.3), perSeqMs: flag(own, "--per-seq-ms", 0.023), prefillUs: flag(own, "--prefill-us", 4.5) };
 
-  const config = parseModelConfig({
-    architectures: ["DeciCoderForCausalLM"],
-    model_type: "decicoder",
-    vocab_size: 49152,
-    hidden_size: 2048,
-    intermediate_size: 5888,
-    num_hidden_layers: 20,
-    num_attention_heads: 32,
-    num_key_value_heads: 4,
-    max_position_embeddings: 2048,
-    eos_token_id: 0,
-  });
+  const config = parseModelConfig(presetConfigJson(PRESETS["decicoder-1b"], "bfloat16"));
   const files = buildTokenizerFiles({ vocabSize: config.vocabSize });
   const tokenizer = Tokenizer.fromObjects(files.tokenizerJson, files.tokenizerConfig);
   const backend = new SimulatedDevice(config, model);

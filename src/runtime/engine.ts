@@ -316,7 +316,7 @@ export class Engine {
       if (!running) {
         if (this.closed) return;
         await new Promise<void>((resolve) => (this.wake = resolve));
-        running = this.closed ? null : this.launch();
+        running = this.launch();
         continue;
       }
       // A backend computing on the main thread (the CPU one) settles its step without the event loop
@@ -331,20 +331,24 @@ export class Engine {
         // Only this batch's requests fail; the engine goes on serving the others.
         for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, err);
         await turn;
-        running = this.closed ? null : this.launch();
+        running = this.launch();
         continue;
       }
       this.scheduler.observe(step, performance.now() - launched);
       await turn;
       const taken = this.commit(step, result);
-      running = this.closed ? null : this.launch();
+      running = this.launch();
       for (const seq of step.seqs) this.scheduler.cache(seq);
       this.emit(taken, result, step.batch.sampling.topLogprobs);
     }
   }
 
-  /** End what was cancelled (no step is in flight here), then start the next step, if there is work. */
+  /**
+   * End what was cancelled (no step is in flight here), then start the next step, if there is work and the
+   * engine is not closing.
+   */
   private launch(): { step: ScheduledStep; result: Promise<StepResult>; launched: number } | null {
+    if (this.closed) return null;
     for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
     const step = this.scheduler.schedule();
     return step && { step, launched: performance.now(), result: this.run(step.batch) };

@@ -178,7 +178,6 @@ async function streamCompletion(url: string, headers: Record<string, string>, bo
       return { error: `HTTP ${res.status}: ${reply?.error?.message ?? res.statusText}` };
     }
     let ttftMs: number | undefined;
-    let first = 0;
     let last = 0;
     const gapsMs: number[] = [];
     let outputTokens = 0;
@@ -189,16 +188,12 @@ async function streamCompletion(url: string, headers: Record<string, string>, bo
       if (chunk.usage) outputTokens = chunk.usage.completion_tokens;
       if (!chunk.choices?.[0]?.text) continue;
       const now = performance.now();
-      if (ttftMs === undefined) {
-        ttftMs = now - sent;
-        first = now;
-      } else {
-        gapsMs.push(now - last);
-      }
+      if (ttftMs === undefined) ttftMs = now - sent;
+      else gapsMs.push(now - last);
       last = now;
     }
     if (ttftMs === undefined) return { error: "stream: no text came" };
-    return { ttftMs, gapsMs, decodeMs: last - first, outputTokens };
+    return { ttftMs, gapsMs, decodeMs: last - sent - ttftMs, outputTokens };
   } catch (err) {
     return { error: oneLine(err) };
   }
