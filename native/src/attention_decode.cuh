@@ -35,7 +35,7 @@ struct DecodeAttnArgs {
 
 template <int HD> constexpr int kv_stride() { return HD + 8; }  // 16-byte rows, spread over banks
 
-template <typename T, int HD> __host__ __device__ constexpr size_t attention_decode_smem(int group) {
+template <typename T, int HD> size_t attention_decode_smem(int group) {
   return sizeof(T) * 2 * (size_t)kPartition * kv_stride<HD>()                               // the K and V tiles
          + sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition + 2 * group);  // queries, scores, (max, sum)
 }
@@ -45,29 +45,27 @@ template <typename T, int HD> __host__ __device__ constexpr size_t attention_dec
 // use metadata an earlier kernel is still updating (a context length one short costs one line); its reads
 // bypass L1 (__ldcg), which would otherwise keep a stale copy for the reads after the wait.
 template <int HD, typename T>
-__device__ __forceinline__ void prefetch_partition(const T* k_cache, const T* v_cache, const DecodeAttnArgs& a, int part, int g, int z) {
+__device__ __forceinline__ void prefetch_partition(const T* k_cache, const T* v_cache, const DecodeAttnArgs& a) {
   constexpr int kLines = HD * (int)sizeof(T) / 128;  // 128-byte lines per K or V row
-  const int s = __ldcg(a.seqs + z);
-  const int t0 = part * kPartition, n = min(kPartition, __ldcg(a.context_lens + s) - t0);
+  const int s = __ldcg(a.seqs + blockIdx.z);
+  const int t0 = blockIdx.x * kPartition, n = min(kPartition, __ldcg(a.context_lens + s) - t0);
   for (int i = threadIdx.x; i < n * kLines * 2; i += blockDim.x) {
     const int t = i / (kLines * 2), line = i % (kLines * 2), pos = t0 + t;
     const int block = __ldcg(a.block_tables + (size_t)s * a.table_width + pos / a.block_size);
     const T* base = line < kLines ? k_cache : v_cache;
-    const T* at = base + kv_index(block * a.block_size + pos % a.block_size, g, a.kv_heads, a.block_size, HD) + (line % kLines) * (128 / sizeof(T));
+    const T* at = base + kv_index(block * a.block_size + pos % a.block_size, blockIdx.y, a.kv_heads, a.block_size, HD) + (line % kLines) * (128 / sizeof(T));
     asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
   }
 }
 
-// Partition `part` of KV head g for the z-th sequence of a.seqs, by one block of kDecodeThreads threads
-// (the standalone kernel's block, or a block of the fused decoder). q is read through L2: in the fused
-// decoder other SMs wrote it.
-template <typename T, int HD>
-__device__ __forceinline__ void attention_decode_item(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache,
-                                                      const T* __restrict__ v_cache, T* __restrict__ out, int out_ld,
-                                                      const DecodeAttnArgs& a, int part, int g, int z, unsigned char* smem_raw) {
+// G: query heads per KV head, a compile-time constant so that the loops over heads unroll.
+template <typename T, int HD, int G>
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            T* __restrict__ out, int out_ld, DecodeAttnArgs a) {
   static_assert(HD % 8 == 0, "16-byte rows");
   constexpr int VPR = HD / 8;  // 16-byte vectors per K or V row
-  const int G = a.heads / a.kv_heads;  // query heads per KV head
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);                // [kPartition][kv_stride]
   T* vs = ks + kPartition * kv_stride<HD>();             // [kPartition][kv_stride]
   float* qs = reinterpret_cast<float*>(vs + kPartition * kv_stride<HD>());  // [G][HD], scaled
@@ -75,7 +73,10 @@ __device__ __forceinline__ void attention_decode_item(const T* __restrict__ q, i
   float* stats = sc + G * kPartition;                    // [G][2]: max, sum
   __shared__ int is_last;
 
-  const int s = a.seqs[z];
+  pdl_launch_dependents();
+  prefetch_partition<HD>(k_cache, v_cache, a);
+  pdl_wait();
+  const int part = blockIdx.x, g = blockIdx.y, s = a.seqs[blockIdx.z];
   const int ctx = a.context_lens[s];
   const int parts = ceil_div(ctx, kPartition);
   if (part >= parts) return;
@@ -92,7 +93,7 @@ __device__ __forceinline__ void attention_decode_item(const T* __restrict__ q, i
     cp_async16(ks + t * kv_stride<HD>() + c * 8, k_cache + at);
     cp_async16(vs + t * kv_stride<HD>() + c * 8, v_cache + at);
   }
-  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i] = to_float(__ldcg(q + (size_t)row * q_ld + g * G * HD + i)) * a.scale;
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i] = to_float(q[(size_t)row * q_ld + g * G * HD + i]) * a.scale;
   cp_async_wait_all();
   __syncthreads();
 
@@ -187,29 +188,31 @@ __device__ __forceinline__ void attention_decode_item(const T* __restrict__ q, i
   }
 }
 
-template <typename T, int HD>
-__global__ void __launch_bounds__(kDecodeThreads)
-    attention_decode_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            T* __restrict__ out, int out_ld, DecodeAttnArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  pdl_launch_dependents();
-  prefetch_partition<HD>(k_cache, v_cache, a, blockIdx.x, blockIdx.y, blockIdx.z);
-  pdl_wait();
-  attention_decode_item<T, HD>(q, q_ld, k_cache, v_cache, out, out_ld, a, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
-}
-
-template <typename T, int HD>
-void attention_decode(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                      const DecodeAttnArgs& a) {
-  if (a.heads % a.kv_heads) throw CudaError("decode attention: " + std::to_string(a.heads) + " query heads over " + std::to_string(a.kv_heads) + " KV heads");
-  auto kernel = attention_decode_kernel<T, HD>;
-  const size_t smem = attention_decode_smem<T, HD>(a.heads / a.kv_heads);
+template <typename T, int HD, int G>
+void attention_decode_g(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
+                        const DecodeAttnArgs& a) {
+  auto kernel = attention_decode_kernel<T, HD, G>;
+  const size_t smem = attention_decode_smem<T, HD>(G);
   static size_t configured = 48 * 1024;
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     configured = smem;
   }
   launch(l, kernel, dim3(a.max_partitions, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a);
+}
+
+template <typename T, int HD>
+void attention_decode(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
+                      const DecodeAttnArgs& a) {
+  switch (a.heads / a.kv_heads) {
+    case 1: return attention_decode_g<T, HD, 1>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+    case 2: return attention_decode_g<T, HD, 2>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+    case 4: return attention_decode_g<T, HD, 4>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+    case 8: return attention_decode_g<T, HD, 8>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+    case 16: return attention_decode_g<T, HD, 16>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+    case 32: return attention_decode_g<T, HD, 32>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a);
+  }
+  throw CudaError("decode attention: " + std::to_string(a.heads / a.kv_heads) + " query heads per KV head (1, 2, 4, 8, 16 or 32 are built)");
 }
 
 }  // namespace decima

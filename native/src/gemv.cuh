@@ -19,15 +19,13 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kGemvMaxBatch = 2;
 constexpr int kGemvPad = 32;  // shared-memory row padding (elements)
-constexpr int kGemvDepth = 8;  // P: 16-byte loads in flight per lane and row
 
 __device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
 
 // ---- prologues: fill xs[b][k] (rows of `stride` elements; rows at or past `batch` are zero) -------------
 // Both issue all their loads at once (latency, not bandwidth, is what a prologue costs): the plain copy with
 // asynchronous 16-byte copies straight into shared memory, the RMSNorm with a warp per row. The caller
-// synchronises the block afterwards. Activations are read through L2 (cp.async.cg, __ldcg): in the fused
-// decoder other SMs wrote them since this SM's L1 last held those lines.
+// synchronises the block afterwards.
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -65,7 +63,7 @@ template <typename T> struct ProRmsNorm {
       const float* r = resid + (size_t)b * ld;
       float ss = 0.f;
       for (int k = threadIdx.x * 4; k < cols; k += blockDim.x * 4) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(r + k));
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
       ss = warp_sum(ss);
@@ -89,7 +87,7 @@ template <typename T> struct ProRmsNorm {
           for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(0.f);
           continue;
         }
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(r + k));
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
         const float f[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(f[e] * rstd * to_float(gain[k + e]));
@@ -246,7 +244,7 @@ struct TileRows {
 struct RowsLinear {
   int rows;
   __device__ TileRows tile(int block) const { return {block * 16, block * 16 + 8}; }
-  __host__ __device__ static int tiles(int rows) { return ceil_div(rows, 16); }
+  static int tiles(int rows) { return ceil_div(rows, 16); }
   __device__ bool valid(int row) const { return row < rows; }
 };
 
@@ -258,7 +256,7 @@ struct EpiResidual : RowsLinear {
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     float* r = resid + (size_t)b * ld;
     const bool has_lo = valid(t.lo + i), has_hi = valid(t.hi + i);
-    const float old_lo = has_lo ? __ldcg(r + t.lo + i) : 0.f, old_hi = has_hi ? __ldcg(r + t.hi + i) : 0.f;
+    const float old_lo = has_lo ? r[t.lo + i] : 0.f, old_hi = has_hi ? r[t.hi + i] : 0.f;
     if (has_lo) r[t.lo + i] = old_lo + lo;
     if (has_hi) r[t.hi + i] = old_hi + hi;
   }
@@ -290,7 +288,7 @@ template <typename T> struct EpiSiluMul {
   T* out;
   int ld;
   __device__ TileRows tile(int block) const { return {block * 8, inter + block * 8}; }
-  __host__ __device__ static int tiles(int inter) { return ceil_div(inter, 8); }
+  static int tiles(int inter) { return ceil_div(inter, 8); }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     if (t.lo + i >= inter) return;
     const float g = round_to<T>(lo), u = round_to<T>(hi);
@@ -325,7 +323,7 @@ template <typename T> struct EpiQkvRope {
     const int per_head = hd / 16, head = block / per_head, p = (block % per_head) * 8;
     return {head * hd + p, head * hd + p + hd / 2};
   }
-  __host__ __device__ static int tiles(int hd, int heads, int kv_heads) { return (heads + 2 * kv_heads) * (hd / 16); }
+  static int tiles(int hd, int heads, int kv_heads) { return (heads + 2 * kv_heads) * (hd / 16); }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     const int head = t.lo / hd, p = t.lo % hd + i;
     float x1 = round_to<T>(lo), x2 = round_to<T>(hi);
@@ -350,37 +348,35 @@ template <typename T> struct EpiQkvRope {
 
 // ---- the kernel ------------------------------------------------------------------------------------------
 
-// What one block of a grid of `blocks` does for a product: its tiles are block, block + blocks, ... Its first
-// P weight loads leave before `wait()` (the weights depend on nothing earlier in the step): the standalone
-// kernel waits there for the previous kernel (PDL), the fused decoder (decode_layers.cuh) at a grid-wide
-// barrier. `xs` is shared memory for the activations (batch rows of cols + kGemvPad).
-template <typename T, int B, int P, class W, class Pro, class Epi, class Wait>
-__device__ __forceinline__ void gemv_tiles(const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi, T* xs,
-                                           int block, int blocks, Wait&& wait) {
+template <typename T, int B, int P, class W, class Pro, class Epi>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int stride = cols + kGemvPad;
+  T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int vecs = cols / W::kPerVec;           // 16-byte vectors per row
   const int per_tile = ceil_div(vecs, 32);      // per lane
-  const int my_tiles = block < tiles ? ceil_div(tiles - block, blocks) : 0;
+  const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
   const int items = my_tiles * per_tile;
-  // Item j of a lane: tile block + (j / per_tile) * blocks, vector lane + (j % per_tile) * 32 of the warp's
-  // two rows.
+  // Item j of a lane: tile blockIdx.x + (j / per_tile) * gridDim.x, vector lane + (j % per_tile) * 32 of the
+  // warp's two rows.
   using Vec = typename W::Vec;
   auto load = [&](int j, Vec& lo, Vec& hi) {
     lo = hi = Vec{};
     if (j >= items) return;
-    const TileRows t = epi.tile(block + (j / per_tile) * blocks);
+    const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
     const int v = lane + (j % per_tile) * 32;
     if (v >= vecs) return;
     if (t.lo + warp < rows) lo = w.load(t.lo + warp, v);
     if (t.hi + warp < rows) hi = w.load(t.hi + warp, v);
   };
 
+  // The weights depend on nothing earlier in the step: start streaming them before waiting.
   Vec w_lo[P], w_hi[P];
 #pragma unroll
   for (int u = 0; u < P; u++) load(u, w_lo[u], w_hi[u]);
-  wait();
-  if (items == 0) return;
+  pdl_launch_dependents();
+  pdl_wait();
   pro.load(xs, B, stride, batch, cols);
   __syncthreads();
 
@@ -392,7 +388,7 @@ __device__ __forceinline__ void gemv_tiles(const W& w, int rows, int cols, int b
     for (int u = 0; u < P; u++) {
       const int j = j0 + u;
       if (j >= items) break;
-      const TileRows t = epi.tile(block + (j / per_tile) * blocks);
+      const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
       const int v = lane + (j % per_tile) * 32;
       if (v < vecs) {
         w.template dot<B>(w_lo[u], v, xs, stride, acc_lo);
@@ -415,15 +411,6 @@ __device__ __forceinline__ void gemv_tiles(const W& w, int rows, int cols, int b
   }
 }
 
-template <typename T, int B, int P, class W, class Pro, class Epi>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  gemv_tiles<T, B, P>(w, rows, cols, batch, tiles, pro, epi, reinterpret_cast<T*>(smem_raw), blockIdx.x, gridDim.x, [] {
-    pdl_launch_dependents();
-    pdl_wait();
-  });
-}
-
 // The persistent grid: as many blocks as fit on the GPU at once; a product with no more tiles than that
 // runs a block per tile.
 template <typename K> int resident_blocks(K kernel, size_t smem) {
@@ -440,7 +427,8 @@ template <typename K> int resident_blocks(K kernel, size_t smem) {
 
 template <typename T, int B, class W, class Pro, class Epi>
 void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  auto kernel = gemv_kernel<T, B, kGemvDepth, W, Pro, Epi>;
+  constexpr int P = 8;
+  auto kernel = gemv_kernel<T, B, P, W, Pro, Epi>;
   const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once
   if (smem > configured) {

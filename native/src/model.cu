@@ -3,7 +3,6 @@
 
 #include <cerrno>
 #include <cmath>
-#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <map>
@@ -11,7 +10,6 @@
 #include "advance.cuh"
 #include "attention_decode.cuh"
 #include "attention_prefill.cuh"
-#include "decode_layers.cuh"
 #include "elementwise.cuh"
 #include "gemm.h"
 #include "gemv.cuh"
@@ -106,11 +104,6 @@ struct InputRegion {
   }
 };
 
-// A weight format as a value, for generic lambdas: Format<W>::type.
-template <class W> struct Format {
-  using type = W;
-};
-
 // A linear layer's storage: 16-bit values, or quantized values and their scales (fp16).
 struct Linear {
   void* data;
@@ -131,7 +124,6 @@ template <typename T, int HD> class Runner final : public Model {
     allocate_weights();
     allocate_workspace();
     allocate_kv();
-    build_fused_layers();
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
   ~Runner() override {
@@ -269,22 +261,13 @@ template <typename T, int HD> class Runner final : public Model {
     return Linear{weight_ptr_.at(key(name, layer)), quantized ? (half*)weight_ptr_.at(key(name + ".scales", layer)) : nullptr};
   }
 
-  // Call f with Format<W>, W the weight format of the linear layers (DenseW, Int8W or Int4W, see gemv.cuh).
-  template <class F> void with_format(F&& f) const {
-    switch (d_.quant) {
-      case Quant::None: return f(Format<DenseW<T>>{});
-      case Quant::Int8: return f(Format<Int8W<T>>{});
-      case Quant::Int4: return f(Format<Int4W<T>>{});
-    }
-  }
-  // A linear layer as format W's kernels read it.
-  template <class W> W as_format(const Linear& lin, int cols) const {
-    if constexpr (std::is_same_v<W, DenseW<T>>) return W{(const T*)lin.data, cols};
-    else if constexpr (std::is_same_v<W, Int8W<T>>) return W::make((const int8_t*)lin.data, lin.scales, cols);
-    else return W::make((const uint8_t*)lin.data, lin.scales, cols, d_.group);
-  }
+  // Call f with the linear layer as its kernels read it (DenseW, Int8W or Int4W, see gemv.cuh).
   template <class F> void with_linear(const Linear& lin, int cols, F&& f) const {
-    with_format([&](auto format) { f(as_format<typename decltype(format)::type>(lin, cols)); });
+    switch (d_.quant) {
+      case Quant::None: return f(DenseW<T>{(const T*)lin.data, cols});
+      case Quant::Int8: return f(Int8W<T>::make((const int8_t*)lin.data, lin.scales, cols));
+      case Quant::Int4: return f(Int4W<T>::make((const uint8_t*)lin.data, lin.scales, cols, d_.group));
+    }
   }
 
   // A linear layer as 16-bit values for cuBLASLt: itself, or dequantized into scratch.
@@ -385,39 +368,6 @@ template <typename T, int HD> class Runner final : public Model {
     std::vector<float2> table = rope_table(d_.rope_theta, d_.rope_factor, HD, d_.max_pos);
     rope_ = arena_.device<float2>(table.size(), "rotary table");
     CUDA_CHECK(cudaMemcpy(rope_, table.data(), table.size() * sizeof(float2), cudaMemcpyHostToDevice));
-  }
-
-  // The fused decoder's per-layer array (decode_layers.cuh), its SM index, and per batch size (each grid
-  // size needs its own) a barrier counter and the SMs' ticket counters.
-  void build_fused_layers() {
-    int widest = 0, max_group = 1;
-    for (const auto& l : d_.layers) {
-      widest = std::max({widest, d_.hidden, l.heads * HD, l.inter});
-      max_group = std::max(max_group, l.heads / l.kv_heads);
-    }
-    fused_smem_[0] = decode_layers_smem<T, HD>(1, widest, max_group);
-    fused_smem_[1] = decode_layers_smem<T, HD>(2, widest, max_group);
-    sync_ = arena_.device<unsigned long long>(kGemvMaxBatch * kSyncWords, "grid barriers");
-    CUDA_CHECK(cudaMemset(sync_, 0, kGemvMaxBatch * kSyncWords * sizeof(unsigned long long)));
-    sm_index_ = arena_.device<int>(kMaxSmId, "SM index");
-    const std::vector<int> index = dense_sm_index(kMaxSmId, sm_index_);
-    CUDA_CHECK(cudaMemcpy(sm_index_, index.data(), kMaxSmId * sizeof(int), cudaMemcpyHostToDevice));
-    sms_ = (int)std::count_if(index.begin(), index.end(), [](int i) { return i >= 0; });
-    if (o_.profile) trace_ = arena_.device<unsigned long long>(kFusedPhases * d_.layers.size() + 1, "fused decoder trace");
-    with_format([&](auto format) {
-      using W = typename decltype(format)::type;
-      std::vector<FusedLayer<T, W>> host;
-      for (size_t i = 0; i < d_.layers.size(); i++) {
-        const LayerDims& ld = d_.layers[i];
-        const LayerWeights& w = layers_[i];
-        host.push_back({as_format<W>(w.qkv, d_.hidden), as_format<W>(w.o, ld.heads * HD), as_format<W>(w.gate_up, d_.hidden),
-                        as_format<W>(w.down, ld.inter), (const T*)w.in_norm, (const T*)w.post_norm, k_cache_[i], v_cache_[i], ld.heads,
-                        ld.kv_heads, ld.inter});
-      }
-      auto* dev = arena_.device<FusedLayer<T, W>>(host.size(), "fused decoder layers");
-      CUDA_CHECK(cudaMemcpy(dev, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
-      fused_layers_ = dev;
-    });
   }
 
   void allocate_kv() {
@@ -536,20 +486,62 @@ template <typename T, int HD> class Runner final : public Model {
 
   RopeArgs rope_args() const { return RopeArgs{rope_, dev_in_.positions, dev_in_.slots}; }
 
-  // One decoder step over `sh.tokens` rows, ending with sampled tokens in cur_*. A decode step of one or
-  // two sequences runs its layers as one kernel; anything else layer by layer.
+  // One decoder step over `sh.tokens` rows, ending with sampled tokens in cur_*. With few rows the matrix
+  // products are GEMVs with their neighbours fused in; otherwise cuBLASLt with small kernels between.
   void forward(const Shape& sh, int top_n, float* logits_to_host = nullptr) {
     const Launch l = launch_config();
     const int n = sh.tokens, h = d_.hidden;
+    const bool small = n <= kGemvMaxBatch;
+    const DType dt = d_.dtype;
     prof_.begin(stream_);
     launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
     prof_.mark(stream_, "embedding");
-    const bool fused = n <= kGemvMaxBatch && sh.n_pre == 0 && o_.fused;
-    if (fused) {
-      fused_layers(l, n);
-      prof_.mark(stream_, "decoder layers (fused)");
-    } else {
-      for (size_t i = 0; i < d_.layers.size(); i++) layer(l, sh, i);
+    for (size_t i = 0; i < d_.layers.size(); i++) {
+      const LayerDims& ld = d_.layers[i];
+      const LayerWeights& w = layers_[i];
+      const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
+      if (small) {
+        EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
+        with_linear(w.qkv, h, [&](const auto& wq) {
+          gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
+        });
+        prof_.mark(stream_, "gemv qkv+rope");
+      } else {
+        launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
+        prof_.mark(stream_, "rmsnorm");
+        gemm_.run(stream_, dt, dense(l, w.qkv, rows_qkv, h), xnorm_, qkv_, n, rows_qkv, h, false, false);
+        prof_.mark(stream_, "gemm qkv");
+        launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
+               v_cache_[i], rope_args());
+        prof_.mark(stream_, "rope+kv write");
+      }
+      attention(l, sh, ld, i);
+      if (small) {
+        EpiResidual epi{};
+        epi.rows = h;
+        epi.resid = resid_;
+        epi.ld = h;
+        with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
+        prof_.mark(stream_, "gemv o");
+        EpiSiluMul<T> act{ld.inter, act_, ld.inter};
+        with_linear(w.gate_up, h, [&](const auto& wg) {
+          gemv<T>(l, wg, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
+        });
+        prof_.mark(stream_, "gemv gate/up+silu");
+        with_linear(w.down, ld.inter, [&](const auto& wd) { gemv<T>(l, wd, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi); });
+        prof_.mark(stream_, "gemv down");
+      } else {
+        gemm_.run(stream_, dt, dense(l, w.o, h, qw), attn_, resid_, n, h, qw, true, true);
+        prof_.mark(stream_, "gemm o");
+        launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
+        prof_.mark(stream_, "rmsnorm");
+        gemm_.run(stream_, dt, dense(l, w.gate_up, 2 * ld.inter, h), xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
+        prof_.mark(stream_, "gemm gate/up");
+        launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
+        prof_.mark(stream_, "silu x up");
+        gemm_.run(stream_, dt, dense(l, w.down, h, ld.inter), act_, resid_, n, h, ld.inter, true, true);
+        prof_.mark(stream_, "gemm down");
+      }
     }
     lm_head(l, sh);
     prof_.mark(stream_, "lm head");
@@ -558,92 +550,14 @@ template <typename T, int HD> class Runner final : public Model {
     sample(l, sh.seqs, top_n);
     prof_.mark(stream_, "sampling");
     prof_.end();
-    if (fused && trace_) record_phases();
-  }
-
-  // DECIMA_PROFILE: the fused decoder's phases, from block 0's clock at each barrier it left.
-  void record_phases() {
-    const size_t n = kFusedPhases * d_.layers.size() + 1;
-    std::vector<unsigned long long> t(n);
-    CUDA_CHECK(cudaMemcpy(t.data(), trace_, n * sizeof(t[0]), cudaMemcpyDeviceToHost));
-    static const char* names[kFusedPhases] = {"fused qkv", "fused attention", "fused o", "fused gate/up", "fused down"};
-    for (size_t k = 0; k + 1 < n; k++) prof_.detail(names[k % kFusedPhases], (t[k + 1] - t[k]) * 1e-6);
-  }
-
-  // One decoder layer, kernel by kernel: GEMVs with their neighbours fused in for one or two rows,
-  // otherwise cuBLASLt with small kernels between.
-  void layer(const Launch& l, const Shape& sh, size_t i) {
-    const int n = sh.tokens, h = d_.hidden;
-    const bool small = n <= kGemvMaxBatch;
-    const DType dt = d_.dtype;
-    const LayerDims& ld = d_.layers[i];
-    const LayerWeights& w = layers_[i];
-    const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
-    if (small) {
-      EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
-      with_linear(w.qkv, h, [&](const auto& wq) {
-        gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
-      });
-      prof_.mark(stream_, "gemv qkv+rope");
-    } else {
-      launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
-      prof_.mark(stream_, "rmsnorm");
-      gemm_.run(stream_, dt, dense(l, w.qkv, rows_qkv, h), xnorm_, qkv_, n, rows_qkv, h, false, false);
-      prof_.mark(stream_, "gemm qkv");
-      launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
-             v_cache_[i], rope_args());
-      prof_.mark(stream_, "rope+kv write");
-    }
-    attention(l, sh, ld, i);
-    if (small) {
-      EpiResidual epi{};
-      epi.rows = h;
-      epi.resid = resid_;
-      epi.ld = h;
-      with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
-      prof_.mark(stream_, "gemv o");
-      EpiSiluMul<T> act{ld.inter, act_, ld.inter};
-      with_linear(w.gate_up, h, [&](const auto& wg) {
-        gemv<T>(l, wg, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
-      });
-      prof_.mark(stream_, "gemv gate/up+silu");
-      with_linear(w.down, ld.inter, [&](const auto& wd) { gemv<T>(l, wd, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi); });
-      prof_.mark(stream_, "gemv down");
-    } else {
-      gemm_.run(stream_, dt, dense(l, w.o, h, qw), attn_, resid_, n, h, qw, true, true);
-      prof_.mark(stream_, "gemm o");
-      launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
-      prof_.mark(stream_, "rmsnorm");
-      gemm_.run(stream_, dt, dense(l, w.gate_up, 2 * ld.inter, h), xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
-      prof_.mark(stream_, "gemm gate/up");
-      launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
-      prof_.mark(stream_, "silu x up");
-      gemm_.run(stream_, dt, dense(l, w.down, h, ld.inter), act_, resid_, n, h, ld.inter, true, true);
-      prof_.mark(stream_, "gemm down");
-    }
-  }
-
-  DecodeAttnArgs decode_attn_args(const LayerDims& ld) const {
-    return DecodeAttnArgs{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
-                          o_.block_size, max_parts_, 1.f / std::sqrt((float)HD), part_m_, part_l_, part_o_, counters_};
-  }
-
-  // Every decoder layer of a decode-only step of n <= 2 sequences in one kernel (decode_layers.cuh).
-  void fused_layers(const Launch& l, int n) {
-    unsigned long long* sync = sync_ + (size_t)kSyncWords * (n - 1);
-    const FusedStep<T> s{resid_, q_, attn_, act_, d_.hidden, n, (int)d_.layers.size(), o_.block_size, d_.eps, rope_args(),
-                         decode_attn_args(d_.layers[0]), sync, SmSpread{sm_index_, sync + 16, sms_}, trace_};
-    with_format([&](auto format) {
-      const auto* layers = static_cast<const FusedLayer<T, typename decltype(format)::type>*>(fused_layers_);
-      if (n == 1) decode_layers<T, HD, 1>(l, layers, s, fused_smem_[0]);
-      else decode_layers<T, HD, 2>(l, layers, s, fused_smem_[1]);
-    });
   }
 
   void attention(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i) {
     const int qw = ld.heads * HD;
     if (sh.n_dec) {
-      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, decode_attn_args(ld));
+      DecodeAttnArgs a{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
+                       o_.block_size, max_parts_, 1.f / std::sqrt((float)HD), part_m_, part_l_, part_o_, counters_};
+      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
       prof_.mark(stream_, "attention decode");
     }
     if (sh.n_pre) {
@@ -819,13 +733,6 @@ template <typename T, int HD> class Runner final : public Model {
   uint32_t *dev_in_base_, *host_in_base_;
   InputRegion dev_in_, host_in_;
   std::map<std::pair<int, int>, cudaGraphExec_t> graphs_;
-  const void* fused_layers_ = nullptr;  // FusedLayer<T, W>[layers], W the weight format
-  size_t fused_smem_[kGemvMaxBatch] = {};
-  static constexpr int kMaxSmId = 1024;
-  static constexpr int kSyncWords = 16 + kMaxSmId;  // a barrier counter (its own 128 bytes), then SM tickets
-  unsigned long long *sync_ = nullptr, *trace_ = nullptr;
-  int* sm_index_ = nullptr;
-  int sms_ = 0;
   static constexpr size_t kStagingBytes = 32u << 20;
   char* staging_[2] = {nullptr, nullptr};
   cudaEvent_t staged_[2] = {nullptr, nullptr};

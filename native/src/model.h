@@ -35,7 +35,6 @@ struct RunnerOptions {
   int max_seqs = 256;         // per step
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool pdl = true;            // programmatic dependent launch between kernels
-  bool fused = true;          // decode steps of 1-2 sequences: every decoder layer in one kernel
   bool profile = false;       // time every kernel of eager steps (see profiler.h)
 };
 

@@ -44,13 +44,6 @@ class Profiler {
     }
     steps_++;
   }
-  // Time inside a kernel, measured by the kernel itself (the fused decoder's phases): printed apart, not
-  // added to the kernels' total.
-  void detail(const std::string& name, double ms) {
-    Entry& e = details_[name];
-    e.ms += ms;
-    e.calls++;
-  }
 
  private:
   struct Entry {
@@ -75,15 +68,13 @@ class Profiler {
     for (const auto& [name, e] : rows)
       std::fprintf(stderr, "%-22s %10.1f %12.2f %12.1f %6.1f%%\n", name.c_str(), (double)e.calls / steps_, 1e3 * e.ms / e.calls,
                    1e3 * e.ms / steps_, 100 * e.ms / total);
-    for (const auto& [name, e] : details_)
-      std::fprintf(stderr, "  %-20s %10.1f %12.2f %12.1f\n", name.c_str(), (double)e.calls / steps_, 1e3 * e.ms / e.calls, 1e3 * e.ms / steps_);
   }
 
   bool on_;
   std::vector<cudaEvent_t> pool_;
   size_t used_ = 0;
   std::vector<std::string> names_;
-  std::map<std::string, Entry> totals_, details_;
+  std::map<std::string, Entry> totals_;
   long steps_ = 0;
 };
 

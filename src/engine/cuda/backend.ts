@@ -20,8 +20,6 @@ export interface CudaBackendOptions {
   graphs?: boolean;
   /** Overlap consecutive kernels with programmatic dependent launch (default true; DECIMA_PDL=0). */
   pdl?: boolean;
-  /** Run every decoder layer of a decode step of one or two sequences as one kernel (default true; DECIMA_FUSED=0). */
-  fused?: boolean;
   /**
    * At load, tune and capture the decode graphs of every batch size up to this many sequences (default 1).
    * A server wants them all: a batch size met for the first time costs its GEMMs' tuning and a capture
@@ -115,7 +113,6 @@ export class CudaBackend implements Backend {
         maxSeqs: limits.seqs,
         graphs: opts.graphs ?? process.env.DECIMA_CUDA_GRAPHS !== "0",
         pdl: opts.pdl ?? process.env.DECIMA_PDL !== "0",
-        fused: opts.fused ?? process.env.DECIMA_FUSED !== "0",
         profile: process.env.DECIMA_PROFILE === "1",
       }),
     );

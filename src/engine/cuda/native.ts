@@ -44,7 +44,6 @@ export interface NativeModelOptions {
   maxSeqs: number;
   graphs: boolean;
   pdl: boolean;
-  fused: boolean;
   /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
   profile: boolean;
 
