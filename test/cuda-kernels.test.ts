@@ -92,8 +92,11 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
                   for (let i = 0; i < inter; i++) want[b * inter + i] = silu(yr[b * rows + i]) * yr[b * rows + inter + i];
               }
               const err = relErr(got, want);
-              // fp32 outputs: only the summation order differs (fp32 sums of up to 5888 products).
-              const limit = mode === 0 || mode === 3 ? tol(dtype) : 1e-4;
+              // fp32 outputs: only the summation order differs (fp32 sums of up to 5888 products), and with the
+              // RMSNorm prologue the normalised activations, rounded to 16 bits after an fp32 reduction in
+              // another order: an element on a rounding boundary moves by one 16-bit step (bfloat16: 0.4%),
+              // measured at 1.0e-4 on 250 x 688.
+              const limit = mode === 0 || mode === 3 ? tol(dtype) : norm ? tol(dtype) / 20 : 1e-4;
               assert.ok(err < limit, `${quant} rows ${rows} cols ${cols} batch ${batch} norm ${norm} mode ${mode}: error ${err}`);
               if (stored && mode === 0) {
                 assert.ok(relErr(toFloat32(out.dequantized, dtype), stored.values) < tol(dtype), `${quant} ${rows}x${cols}: dequantization`);

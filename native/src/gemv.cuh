@@ -98,7 +98,8 @@ template <typename T> struct ProRmsNorm {
 
 // ---- weight formats: how 16 bytes of a row become values ----------------------------------------------
 // `load` fetches a row's 16-byte vector v with what it needs beside it (its scale), as a Vec; `dot` adds
-// its products with x (batch rows of shared memory) into acc. Quantized values become floats by exponent
+// the products of a warp's two rows' vectors v with x (batch rows of shared memory) into their
+// accumulators, each x read from shared memory and converted once for both rows. Quantized values become floats by exponent
 // tricks, not by the int-to-float unit, which runs at a quarter of the FMA rate and would need one
 // conversion per weight (the change took the batch-1 step from 1.158 to 1.091 ms with int8 and from
 // 1.136 to 0.984 ms with int4, BENCHMARKS.md).
@@ -109,15 +110,20 @@ template <typename T> struct DenseW {
   const T* w;
   int cols;
   __device__ Vec load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
-  template <int B> __device__ void dot(const Vec& q, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[8];
-    unpack8(q, wf, T());
+  template <int B>
+  __device__ void dot(const Vec& lo, const Vec& hi, int v, const T* xs, int stride, float (&acc_lo)[B], float (&acc_hi)[B]) const {
+    float wl[8], wh[8];
+    unpack8(lo, wl, T());
+    unpack8(hi, wh, T());
 #pragma unroll
     for (int b = 0; b < B; b++) {
       float x[8];
       unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * kPerVec), x, T());
 #pragma unroll
-      for (int e = 0; e < 8; e++) acc[b] = fmaf(wf[e], x[e], acc[b]);
+      for (int e = 0; e < 8; e++) {
+        acc_lo[b] = fmaf(wl[e], x[e], acc_lo[b]);
+        acc_hi[b] = fmaf(wh[e], x[e], acc_hi[b]);
+      }
     }
   }
   __device__ void values(const Vec& q, float (&out)[kPerVec]) const { unpack8(q, out, T()); }
@@ -145,32 +151,45 @@ __device__ __forceinline__ void s4x8_to_float(uint32_t w, float* out) {
 }
 
 // What the quantized formats share: a vector travels with its scale (an L1 hit after the first of its
-// row or group, and no tile ends waiting on a load of it); its N values, made floats by the format's
-// to_float, are dotted with x and scaled once.
+// row or group, and no tile ends waiting on a load of it); its N values, made floats eight at a time by the
+// format's to_float8 (so that only eight are live: two batch rows of int4 took 171 registers converting all
+// 32 at once, one block per SM), are dotted with x and scaled once.
 template <typename T, class F, int N> struct ScaledW {
   static constexpr int kPerVec = N;  // values per 16 bytes
   struct Vec {
     uint4 q;
     float scale;
   };
-  template <int B> __device__ void dot(const Vec& w, int v, const T* xs, int stride, float (&acc)[B]) const {
-    float wf[N];
-    F::to_float(w.q, wf);
+  template <int B>
+  __device__ void dot(const Vec& lo, const Vec& hi, int v, const T* xs, int stride, float (&acc_lo)[B], float (&acc_hi)[B]) const {
+    float part_lo[B], part_hi[B];
 #pragma unroll
-    for (int b = 0; b < B; b++) {
-      float part = 0.f;
+    for (int b = 0; b < B; b++) part_lo[b] = part_hi[b] = 0.f;
 #pragma unroll
-      for (int h = 0; h < N / 8; h++) {
+    for (int h = 0; h < N / 8; h++) {
+      float wl[8], wh[8];
+      F::to_float8(lo.q, h, wl);
+      F::to_float8(hi.q, h, wh);
+#pragma unroll
+      for (int b = 0; b < B; b++) {
         float x[8];
         unpack8(*reinterpret_cast<const uint4*>(xs + (size_t)b * stride + v * N + h * 8), x, T());
 #pragma unroll
-        for (int e = 0; e < 8; e++) part = fmaf(wf[h * 8 + e], x[e], part);
+        for (int e = 0; e < 8; e++) {
+          part_lo[b] = fmaf(wl[e], x[e], part_lo[b]);
+          part_hi[b] = fmaf(wh[e], x[e], part_hi[b]);
+        }
       }
-      acc[b] = fmaf(part, w.scale, acc[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      acc_lo[b] = fmaf(part_lo[b], lo.scale, acc_lo[b]);
+      acc_hi[b] = fmaf(part_hi[b], hi.scale, acc_hi[b]);
     }
   }
   __device__ void values(const Vec& w, float (&out)[N]) const {
-    F::to_float(w.q, out);
+#pragma unroll
+    for (int h = 0; h < N / 8; h++) F::to_float8(w.q, h, out + 8 * h);
 #pragma unroll
     for (int e = 0; e < N; e++) out[e] *= w.scale;
   }
@@ -184,10 +203,11 @@ template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
   int cols;
   static Int8W make(const int8_t* q, const half* scales, int cols) { return {{}, q, scales, cols}; }
   __device__ Vec load(int row, int v) const { return {load_stream(q + (size_t)row * cols + v * 16), __half2float(scales[row])}; }
-  static __device__ void to_float(const uint4& q, float (&out)[16]) {
+  // Values 8h .. 8h + 7 of the vector.
+  static __device__ void to_float8(const uint4& q, int h, float* out) {
     const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
-#pragma unroll
-    for (int i = 0; i < 4; i++) s8x4_to_float(words[i], out + 4 * i);
+    s8x4_to_float(words[2 * h], out);
+    s8x4_to_float(words[2 * h + 1], out + 4);
   }
 };
 
@@ -208,11 +228,8 @@ template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
   __device__ Vec load(int row, int v) const {
     return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
   }
-  static __device__ void to_float(const uint4& q, float (&out)[32]) {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
-#pragma unroll
-    for (int i = 0; i < 4; i++) s4x8_to_float(words[i], out + 8 * i);
-  }
+  // Values 8h .. 8h + 7 of the vector.
+  static __device__ void to_float8(const uint4& q, int h, float* out) { s4x8_to_float(reinterpret_cast<const uint32_t*>(&q)[h], out); }
 };
 
 // Quantized weights as T, for the cuBLASLt path (prefill, larger batches): one 16-byte vector per thread.
@@ -390,10 +407,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
       if (j >= items) break;
       const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
       const int v = lane + (j % per_tile) * 32;
-      if (v < vecs) {
-        w.template dot<B>(w_lo[u], v, xs, stride, acc_lo);
-        w.template dot<B>(w_hi[u], v, xs, stride, acc_hi);
-      }
+      if (v < vecs) w.template dot<B>(w_lo[u], w_hi[u], v, xs, stride, acc_lo, acc_hi);
       load(j + P, w_lo[u], w_hi[u]);
       if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp
         // Every lane gets the sums; lane b stores batch row b, so the rows' stores (read-modify-writes
