@@ -3,9 +3,9 @@
 // Bytes: every weight once (rows x cols x its storage size: 2 for fp16/bf16, 1 for int8, 1/2 for int4,
 // plus scales); FLOPs: 2 x rows x cols x batch. Far under any compute limit: what counts is keeping
 // enough weight loads in flight. A block owns tiles of 16 rows (two groups of 8 that an epilogue pairs);
-// each warp streams one row of each group over the full width with lane-strided 16-byte loads (an
-// instruction reads 512 contiguous bytes), P loads deep per row, the first ones issued before waiting for
-// the previous kernel (PDL); sums by shuffles, so no step needs the whole block. The grid is persistent: a
+// each warp streams one row of each group over the full width (or, in products with few tiles, over its
+// column split's part) with lane-strided 16-byte loads (an instruction reads 512 contiguous bytes), P loads
+// deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The grid is persistent: a
 // block builds its activations once in shared memory (the prologue: a plain copy, or the RMSNorm of the
 // fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
 // (the formats of src/model/weights.ts). Larger batches go to cuBLASLt (faster there, measured with
@@ -15,8 +15,9 @@
 
 namespace decima {
 
-constexpr int kGemvWarps = 8;
+constexpr int kGemvWarps = 8;  // per column split
 constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvMaxSplits = 2;
 constexpr int kGemvMaxBatch = 2;
 constexpr int kGemvPad = 32;  // shared-memory row padding (elements)
 
@@ -56,7 +57,7 @@ template <typename T> struct ProRmsNorm {
   const T* gain;
   float eps;
   __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
-    __shared__ float part[kGemvWarps][kGemvMaxBatch];
+    __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMaxBatch];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = min(rows, batch);
     for (int b = 0; b < n; b++) {
@@ -78,7 +79,7 @@ template <typename T> struct ProRmsNorm {
       }
       float ss = 0.f;
 #pragma unroll
-      for (int w = 0; w < kGemvWarps; w++) ss += part[w][b];
+      for (int w = 0; w < (int)(blockDim.x >> 5); w++) ss += part[w][b];
       const float rstd = rsqrtf(ss / cols + eps);
       const float* r = resid + (size_t)b * ld;
       for (int k = threadIdx.x * 4; k < stride; k += blockDim.x * 4) {
@@ -365,18 +366,23 @@ template <typename T> struct EpiQkvRope {
 
 // ---- the kernel ------------------------------------------------------------------------------------------
 
-template <typename T, int B, int P, class W, class Pro, class Epi>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+__device__ __forceinline__ void named_barrier(int id, int threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+
+// S column splits: S groups of kGemvWarps warps, group s taking the s-th part of every row's columns; at a
+// tile's end the other groups' sums meet group 0's in shared memory, added in a fixed order.
+template <typename T, int B, int P, int S, class W, class Pro, class Epi>
+__global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int stride = cols + kGemvPad;
   T* xs = reinterpret_cast<T*>(smem_raw);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int vecs = cols / W::kPerVec;           // 16-byte vectors per row
+  const int warp = (threadIdx.x >> 5) % kGemvWarps, split = threadIdx.x / kGemvThreads, lane = threadIdx.x & 31;
+  const int chunk = ceil_div(cols / W::kPerVec, S);                      // 16-byte vectors per row and split
+  const int v0 = split * chunk, vecs = min(cols / W::kPerVec - v0, chunk);  // this split's: v0 .. v0 + vecs
   const int per_tile = ceil_div(vecs, 32);      // per lane
   const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
   const int items = my_tiles * per_tile;
-  // Item j of a lane: tile blockIdx.x + (j / per_tile) * gridDim.x, vector lane + (j % per_tile) * 32 of the
-  // warp's two rows.
+  // Item j of a lane: tile blockIdx.x + (j / per_tile) * gridDim.x, vector v0 + lane + (j % per_tile) * 32
+  // of the warp's two rows.
   using Vec = typename W::Vec;
   auto load = [&](int j, Vec& lo, Vec& hi) {
     lo = hi = Vec{};
@@ -384,8 +390,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
     const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
     const int v = lane + (j % per_tile) * 32;
     if (v >= vecs) return;
-    if (t.lo + warp < rows) lo = w.load(t.lo + warp, v);
-    if (t.hi + warp < rows) hi = w.load(t.hi + warp, v);
+    if (t.lo + warp < rows) lo = w.load(t.lo + warp, v0 + v);
+    if (t.hi + warp < rows) hi = w.load(t.hi + warp, v0 + v);
   };
 
   // The weights depend on nothing earlier in the step: start streaming them before waiting.
@@ -407,7 +413,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
       if (j >= items) break;
       const TileRows t = epi.tile(blockIdx.x + (j / per_tile) * gridDim.x);
       const int v = lane + (j % per_tile) * 32;
-      if (v < vecs) w.template dot<B>(w_lo[u], w_hi[u], v, xs, stride, acc_lo, acc_hi);
+      if (v < vecs) w.template dot<B>(w_lo[u], w_hi[u], v0 + v, xs, stride, acc_lo, acc_hi);
       load(j + P, w_lo[u], w_hi[u]);
       if (j % per_tile == per_tile - 1) {  // the tile's rows are done: sum over the warp
         // Every lane gets the sums; lane b stores batch row b, so the rows' stores (read-modify-writes
@@ -419,45 +425,74 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(W w, int rows, int c
           if (lane == b) lo = s_lo, hi = s_hi;
           acc_lo[b] = acc_hi[b] = 0.f;
         }
-        if (lane < batch) epi.store(t, warp, lane, lo, hi);
+        if constexpr (S == 1) {
+          if (lane < batch) epi.store(t, warp, lane, lo, hi);
+        } else {
+          __shared__ float2 split_sums[S - 1][kGemvWarps][kGemvMaxBatch];
+          if (split > 0 && lane < batch) split_sums[split - 1][warp][lane] = make_float2(lo, hi);
+          named_barrier(1 + warp, 32 * S);  // the warps of this row pair, one per split
+          if (split == 0 && lane < batch) {
+#pragma unroll
+            for (int g = 0; g < S - 1; g++) {
+              lo += split_sums[g][warp][lane].x;
+              hi += split_sums[g][warp][lane].y;
+            }
+            epi.store(t, warp, lane, lo, hi);
+          }
+          named_barrier(1 + warp, 32 * S);  // the sums are read before the next tile's overwrite them
+        }
       }
     }
   }
 }
 
-// The persistent grid: as many blocks as fit on the GPU at once; a product with no more tiles than that
-// runs a block per tile.
-template <typename K> int resident_blocks(K kernel, size_t smem) {
+inline int sm_count() {
   static int sms = 0;
   if (sms == 0) {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   }
-  int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
-  return std::max(1, per_sm) * sms;
+  return sms;
 }
 
-template <typename T, int B, class W, class Pro, class Epi>
+// The persistent grid: as many blocks as fit on the GPU at once; a product with no more tiles than that
+// runs a block per tile.
+template <typename K> int resident_blocks(K kernel, int threads, size_t smem) {
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return std::max(1, per_sm) * sm_count();
+}
+
+template <typename T, int B, int S, class W, class Pro, class Epi>
 void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   constexpr int P = 8;
-  auto kernel = gemv_kernel<T, B, P, W, Pro, Epi>;
+  auto kernel = gemv_kernel<T, B, P, S, W, Pro, Epi>;
   const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
   static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     configured = smem;
   }
-  const int grid = std::min(tiles, resident_blocks(kernel, smem));
-  launch(l, kernel, dim3(grid), dim3(kGemvThreads), smem, w, rows, cols, batch, tiles, pro, epi);
+  const int grid = std::min(tiles, resident_blocks(kernel, kGemvThreads * S, smem));
+  launch(l, kernel, dim3(grid), dim3(kGemvThreads * S), smem, w, rows, cols, batch, tiles, pro, epi);
+}
+
+// A product with no more tiles than SMs (the 1B shape's O and down: 128 tiles of 16 rows) would give each
+// SM one block of 8 warps, too few to hide its loads' latency (Nsight Compute on int4 down: 12.5%
+// occupancy, 7 cycles between a warp's instructions): its columns split over two warp groups. (With more
+// tiles than SMs, as QKV's 160, blocks of 16 warps take two rounds: measured slower, 5.2 to 6.2 us.)
+template <typename T, int B, class W, class Pro, class Epi>
+void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+  if (tiles <= sm_count() && cols / W::kPerVec >= 2 * 32) gemv_launch<T, B, 2>(l, w, rows, cols, batch, tiles, pro, epi);
+  else gemv_launch<T, B, 1>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
 // `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
 template <typename T, class W, class Pro, class Epi>
 void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  if (batch == 1) gemv_launch<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
-  else if (batch == 2) gemv_launch<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
+  if (batch == 1) gemv_split<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
+  else if (batch == 2) gemv_split<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
   else throw CudaError("gemv: batch " + std::to_string(batch) + " (the GEMV kernels take 1 or 2 rows)");
 }
 
