@@ -5,9 +5,9 @@
 // enough weight loads in flight. A block owns tiles of 16 rows (two groups of 8 that an epilogue pairs);
 // each warp streams one row of each group over the full width (or, in products with few tiles, over its
 // column split's part) with lane-strided 16-byte loads (an instruction reads 512 contiguous bytes), P loads
-// deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The grid is persistent: a
-// block builds its activations once in shared memory (the prologue: a plain copy, or the RMSNorm of the
-// fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
+// deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The
+// grid is persistent: a block builds its activations once in shared memory (the prologue: a plain copy, or
+// the RMSNorm of the fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
 // (the formats of src/model/weights.ts). Larger batches go to cuBLASLt (faster there, measured with
 // bench/gemv-kernels.ts and `decima bench`).
 #pragma once
@@ -100,7 +100,7 @@ template <typename T> struct ProRmsNorm {
 // ---- weight formats: how 16 bytes of a row become values ----------------------------------------------
 // `load` fetches a row's 16-byte vector v with what it needs beside it (its scale), as a Vec; `dot` adds
 // the products of a warp's two rows' vectors v with x (batch rows of shared memory) into their
-// accumulators, each x read from shared memory and converted once for both rows. Quantized values become floats by exponent
+// accumulators, each x read and converted once for both rows. Quantized values become floats by exponent
 // tricks, not by the int-to-float unit, which runs at a quarter of the FMA rate and would need one
 // conversion per weight (the change took the batch-1 step from 1.158 to 1.091 ms with int8 and from
 // 1.136 to 0.984 ms with int4, BENCHMARKS.md).
@@ -439,7 +439,7 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
             }
             epi.store(t, warp, lane, lo, hi);
           }
-          named_barrier(1 + warp, 32 * S);  // the sums are read before the next tile's overwrite them
+          named_barrier(1 + warp, 32 * S);  // read before the next tile's sums overwrite them
         }
       }
     }
@@ -480,11 +480,13 @@ void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int
 
 // A product with no more tiles than SMs (the 1B shape's O and down: 128 tiles of 16 rows) would give each
 // SM one block of 8 warps, too few to hide its loads' latency (Nsight Compute on int4 down: 12.5%
-// occupancy, 7 cycles between a warp's instructions): its columns split over two warp groups. (With more
-// tiles than SMs, as QKV's 160, blocks of 16 warps take two rounds: measured slower, 5.2 to 6.2 us.)
+// occupancy, 7 cycles between a warp's instructions): its columns split over two warp groups, each at
+// least a warp's 32 vectors wide. (With more tiles than SMs, as QKV's 160, blocks of 16 warps take two
+// rounds: measured slower, 5.2 to 6.2 µs.)
 template <typename T, int B, class W, class Pro, class Epi>
 void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  if (tiles <= sm_count() && cols / W::kPerVec >= 2 * 32) gemv_launch<T, B, 2>(l, w, rows, cols, batch, tiles, pro, epi);
+  constexpr int S = kGemvMaxSplits;
+  if (tiles <= sm_count() && cols / W::kPerVec >= S * 32) gemv_launch<T, B, S>(l, w, rows, cols, batch, tiles, pro, epi);
   else gemv_launch<T, B, 1>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
