@@ -151,10 +151,18 @@ __device__ __forceinline__ void s4x8_to_float(uint32_t w, float* out) {
   }
 }
 
+// Word h of a vector, h known only at run time, without an array in local memory.
+__device__ __forceinline__ uint32_t word(const uint4& q, int h) { return h < 2 ? (h ? q.y : q.x) : (h == 2 ? q.z : q.w); }
+
 // What the quantized formats share: a vector travels with its scale (an L1 hit after the first of its
 // row or group, and no tile ends waiting on a load of it); its N values, made floats eight at a time by the
 // format's to_float8 (so that only eight are live: two batch rows of int4 took 171 registers converting all
-// 32 at once, one block per SM), are dotted with x and scaled once.
+// 32 at once, one block per SM), are dotted with x and scaled once. A vector's x is N / 8 chunks of 16
+// bytes, and neighbouring lanes' vectors are N x 2 bytes apart in shared memory: taken in the same order,
+// the eight lanes of a 16-byte load's phase would meet on N / 16 bank groups (int4: 4-way conflicts). With
+// two batch rows each lane starts at chunk lane x (N / 8) / 8 instead, so a phase reads eight distinct
+// groups (int4 two-row gate/up 22.4 to 13.9 µs); one row reads half as much and lost more to the rotation's
+// arithmetic than it gained (int8 step 1.03 to 1.06 ms), so it keeps the plain order.
 template <typename T, class F, int N> struct ScaledW {
   static constexpr int kPerVec = N;  // values per 16 bytes
   struct Vec {
@@ -167,7 +175,8 @@ template <typename T, class F, int N> struct ScaledW {
 #pragma unroll
     for (int b = 0; b < B; b++) part_lo[b] = part_hi[b] = 0.f;
 #pragma unroll
-    for (int h = 0; h < N / 8; h++) {
+    for (int i = 0; i < N / 8; i++) {
+      const int h = B > 1 ? (i + ((threadIdx.x & 31) * (N / 8) >> 3)) % (N / 8) : i;
       float wl[8], wh[8];
       F::to_float8(lo.q, h, wl);
       F::to_float8(hi.q, h, wh);
@@ -206,9 +215,8 @@ template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
   __device__ Vec load(int row, int v) const { return {load_stream(q + (size_t)row * cols + v * 16), __half2float(scales[row])}; }
   // Values 8h .. 8h + 7 of the vector.
   static __device__ void to_float8(const uint4& q, int h, float* out) {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(&q);
-    s8x4_to_float(words[2 * h], out);
-    s8x4_to_float(words[2 * h + 1], out + 4);
+    s8x4_to_float(h ? q.z : q.x, out);
+    s8x4_to_float(h ? q.w : q.y, out + 4);
   }
 };
 
@@ -230,7 +238,7 @@ template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
     return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
   }
   // Values 8h .. 8h + 7 of the vector.
-  static __device__ void to_float8(const uint4& q, int h, float* out) { s4x8_to_float(reinterpret_cast<const uint32_t*>(&q)[h], out); }
+  static __device__ void to_float8(const uint4& q, int h, float* out) { s4x8_to_float(word(q, h), out); }
 };
 
 // Quantized weights as T, for the cuBLASLt path (prefill, larger batches): one 16-byte vector per thread.
