@@ -16,6 +16,11 @@ function doneOf(events: GenerateEvent[]): DoneEvent {
   return done;
 }
 
+/** The text the events streamed, as a consumer joins it. */
+function textOf(events: GenerateEvent[]): string {
+  return events.flatMap((e) => (e.type === "token" || e.type === "text" ? [e.text] : [])).join("");
+}
+
 async function rejection(promise: Promise<unknown>): Promise<DecimaError> {
   try {
     await promise;
@@ -45,8 +50,7 @@ describe("Engine", () => {
     assert.equal(done.finishReason, "length");
     assert.deepEqual(done.promptTokens, testTokenizer().encode("def fib(n):\n"));
     assert.deepEqual(done.tokens, tokens.map((e) => e.id));
-    const texts = events.flatMap((e) => (e.type === "token" || e.type === "text" ? [e.text] : [])).join("");
-    assert.equal(texts, done.text);
+    assert.equal(textOf(events), done.text);
     for (const e of tokens) assert.ok(e.logprob <= 0 && e.logprob > -50);
     assert.ok(done.timings.timeToFirstTokenMs >= done.timings.queuedMs);
     assert.ok(done.timings.decodeMs > 0 && done.timings.tokensPerSecond > 0);
@@ -196,7 +200,7 @@ describe("Engine", () => {
     const done = doneOf(events);
     assert.equal(done.finishReason, "stop");
     assert.equal(done.text, free.text.slice(0, cut));
-    assert.equal(events.flatMap((e) => (e.type === "token" || e.type === "text" ? [e.text] : [])).join(""), done.text);
+    assert.equal(textOf(events), done.text);
     assertPoolEmpty(engine);
     await engine.close();
   });

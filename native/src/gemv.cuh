@@ -241,6 +241,18 @@ template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
   static __device__ void to_float8(const uint4& q, int h, float* out) { s4x8_to_float(word(q, h), out); }
 };
 
+// A linear layer's weights as the format coded `quant` reads them (0: 16-bit, 1: int8, 2: int4, as
+// model.h's Quant; `scales` and `group` unused where the format has none): f(format).
+template <typename T, class F>
+void with_weight_format(int quant, const void* data, const half* scales, int cols, int group, F&& f) {
+  switch (quant) {
+    case 0: return f(DenseW<T>{static_cast<const T*>(data), cols});
+    case 1: return f(Int8W<T>::make(static_cast<const int8_t*>(data), scales, cols));
+    case 2: return f(Int4W<T>::make(static_cast<const uint8_t*>(data), scales, cols, group));
+  }
+  throw CudaError("unknown weight format " + std::to_string(quant));
+}
+
 // Quantized weights as T, for the cuBLASLt path (prefill, larger batches): one 16-byte vector per thread.
 // Bytes: the quantized matrix read once, rows x cols x 2 written (then read again by the product).
 template <typename T, class W> __global__ void dequantize_kernel(W w, int rows, T* __restrict__ out) {

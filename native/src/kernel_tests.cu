@@ -109,17 +109,14 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
       run(weights, ProPlain<T>{x.as<T>(), cols});
     }
   };
-  if (quant == 0) with_prologue(DenseW<T>{w.as<T>(), cols});
-  else if (quant == 1) with_prologue(Int8W<T>::make(w.as<int8_t>(), scales.as<half>(), cols));
-  else with_prologue(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
+  const int group = c.i("group");
+  with_weight_format<T>(quant, w.p, scales.as<half>(), cols, group, with_prologue);
   if (quant) {  // the cuBLASLt path's dequantization too
     Dev dq((size_t)rows * cols * sizeof(T));
-    auto deq = [&](const auto& wq) {
+    with_weight_format<T>(quant, w.p, scales.as<half>(), cols, group, [&](const auto& wq) {
       using W = std::decay_t<decltype(wq)>;
-      launch(kEager, dequantize_kernel<T, W>, dim3(64), dim3(256), 0, wq, rows, dq.as<T>());
-    };
-    if (quant == 1) deq(Int8W<T>::make(w.as<int8_t>(), scales.as<half>(), cols));
-    else deq(Int4W<T>::make(w.as<uint8_t>(), scales.as<half>(), cols, c.i("group")));
+      if constexpr (!std::is_same_v<W, DenseW<T>>) launch(kEager, dequantize_kernel<T, W>, dim3(64), dim3(256), 0, wq, rows, dq.as<T>());
+    });
     out["dequantized"] = dq.read();
   }
   return out;
@@ -241,14 +238,8 @@ template <typename T> BufferMap gemv_bench(const Ctx& c) {
   CUDA_CHECK(cudaMemset(resid.p, 0x3c, resid.bytes));
   CUDA_CHECK(cudaMemset(gain.p, 0x3c, gain.bytes));
   const bool norm = c.i("norm") != 0;  // the prologue of the QKV, gate/up and LM-head products
-  auto with_weights = [&](int i, auto&& f) {
-    const char* wi = w.as<char>() + (i % copies) * wbytes;
-    if (quant == 0) f(DenseW<T>{reinterpret_cast<const T*>(wi), cols});
-    else if (quant == 1) f(Int8W<T>::make(reinterpret_cast<const int8_t*>(wi), scales.as<half>(), cols));
-    else f(Int4W<T>::make(reinterpret_cast<const uint8_t*>(wi), scales.as<half>(), cols, group));
-  };
   auto run = [&](int i) {
-    with_weights(i, [&](const auto& wi) {
+    with_weight_format<T>(quant, w.as<char>() + (i % copies) * wbytes, scales.as<half>(), cols, group, [&](const auto& wi) {
       if (norm) gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProRmsNorm<T>{resid.as<float>(), cols, gain.as<T>(), 1e-5f}, e);
       else gemv<T>(l, wi, rows, cols, batch, RowsLinear::tiles(rows), ProPlain<T>{x.as<T>(), cols}, e);
     });

@@ -263,11 +263,7 @@ template <typename T, int HD> class Runner final : public Model {
 
   // Call f with the linear layer as its kernels read it (DenseW, Int8W or Int4W, see gemv.cuh).
   template <class F> void with_linear(const Linear& lin, int cols, F&& f) const {
-    switch (d_.quant) {
-      case Quant::None: return f(DenseW<T>{(const T*)lin.data, cols});
-      case Quant::Int8: return f(Int8W<T>::make((const int8_t*)lin.data, lin.scales, cols));
-      case Quant::Int4: return f(Int4W<T>::make((const uint8_t*)lin.data, lin.scales, cols, d_.group));
-    }
+    with_weight_format<T>(static_cast<int>(d_.quant), lin.data, lin.scales, cols, d_.group, f);
   }
 
   // A linear layer as 16-bit values for cuBLASLt: itself, or dequantized into scratch.

@@ -28,7 +28,7 @@ async function* eventLines(
   try {
     for await (const batch of chunks) if (batch.length > 0) yield batch.map(line).join("");
   } catch (err) {
-    yield `data: ${JSON.stringify(opts.onError(err))}\n\n`;
+    yield line(opts.onError(err));
   }
   if (opts.doneMarker) yield "data: [DONE]\n\n";
 }
