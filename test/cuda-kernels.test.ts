@@ -148,7 +148,9 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
         }
       });
 
-      test(`attention ${dtype} head ${hd}: decode (split and merged) and prefill (causal, with past), GQA, scrambled blocks`, () => {
+      // Decode runs with the device's cluster size (0), one block per sequence and KV head (every chunk in
+      // one block, as on GPUs without clusters) and the largest cluster.
+      test(`attention ${dtype} head ${hd}: decode (clusters of 1, 8, 16) and prefill (causal, with past), GQA, scrambled blocks`, () => {
         for (const [heads, kv] of [[32, 4], [8, 8], [16, 2]]) {
           for (const prefill of [0, 1]) {
             const bs = 16, maxPos = 2048;
@@ -165,11 +167,6 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
             const q = randomHalf(rng, tokens * heads * hd, 1, dtype);
             const kc = randomHalf(rng, numBlocks * kv * bs * hd, 1, dtype);
             const vc = randomHalf(rng, numBlocks * kv * bs * hd, 1, dtype);
-            const out = addon().testKernel(
-              "attention",
-              { q: q.bytes, k_cache: kc.bytes, v_cache: vc.bytes, query_starts: queryStarts, context_lens: Int32Array.from(contexts), block_tables: tables },
-              { dtype: code, heads, kv_heads: kv, head_dim: hd, block_size: bs, seqs, table_width: width, tokens, max_pos: maxPos, prefill, max_query_len: Math.max(...queryLens) },
-            );
             const layer: LayerSpec = { numHeads: heads, numKvHeads: kv, headDim: hd, intermediateSize: 0 };
             const cache = new KvCache([layer], numBlocks, bs);
             cache.k[0].set(kc.values);
@@ -180,8 +177,15 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
               const seq: SeqRows = { firstRow: queryStarts[s], queryLen: queryLens[s], contextLen: contexts[s], blockTable: tables.subarray(s * width, (s + 1) * width) };
               attention(want, q.values, seq, cache, 0, scores);
             }
-            const err = relErr(toFloat32(out.out, dtype), want);
-            assert.ok(err < tol(dtype), `heads ${heads}/${kv} prefill ${prefill}: error ${err}`);
+            for (const cluster of prefill ? [0] : [0, 1, 16]) {
+              const out = addon().testKernel(
+                "attention",
+                { q: q.bytes, k_cache: kc.bytes, v_cache: vc.bytes, query_starts: queryStarts, context_lens: Int32Array.from(contexts), block_tables: tables },
+                { dtype: code, heads, kv_heads: kv, head_dim: hd, block_size: bs, seqs, table_width: width, tokens, prefill, max_query_len: Math.max(...queryLens), cluster },
+              );
+              const err = relErr(toFloat32(out.out, dtype), want);
+              assert.ok(err < tol(dtype), `heads ${heads}/${kv} prefill ${prefill} cluster ${cluster}: error ${err}`);
+            }
           }
         }
       });

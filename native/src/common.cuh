@@ -98,8 +98,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // Programmatic dependent launch: a kernel may start while its predecessor drains. Everything before
-// pdl_wait() must read only what no earlier kernel of the step writes (weights); everything after sees the
-// predecessor's writes. Every kernel calls pdl_wait() in every block, so completion stays transitive.
+// pdl_wait() must read only what no kernel of the step writes (weights, the step's metadata, the K and V of
+// earlier steps); everything after sees the predecessor's writes. Every kernel calls pdl_wait() in every
+// block, so completion stays transitive, and a step's first kernel lets its dependents start only after
+// its own wait, so nothing of a step starts before the previous step has finished.
 // Both are no-ops when the kernel was launched without the PDL attribute.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -118,19 +120,37 @@ struct Launch {
   bool pdl;
 };
 
+// `cluster` blocks along x form a thread-block cluster (Hopper on) when it is over 1.
 template <typename... KArgs, typename... Args>
-void launch(const Launch& l, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+void launch(const Launch& l, int cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = l.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
   cfg.attrs = attr;
-  cfg.numAttrs = l.pdl ? 1 : 0;
+  if (l.pdl) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+    attr[cfg.numAttrs++].val.clusterDim = {(unsigned)cluster, 1, 1};
+  }
   CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+template <typename... KArgs, typename... Args>
+void launch(const Launch& l, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  launch(l, 1, kernel, grid, block, smem, std::forward<Args>(args)...);
+}
+
+// An attribute of the current device (callers keep what they need in a static).
+inline int device_attribute(cudaDeviceAttr attr) {
+  int dev = 0, value = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, dev));
+  return value;
 }
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }

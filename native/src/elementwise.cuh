@@ -9,8 +9,8 @@ namespace decima {
 // residual[t][:] = embed[tokens[t]][:] (fp32 residual stream). Bytes: 2 x hidden per token read, 4 x written.
 template <typename T>
 __global__ void embedding_kernel(const T* __restrict__ embed, const int* __restrict__ tokens, float* __restrict__ resid, int hidden) {
-  pdl_launch_dependents();
   pdl_wait();
+  pdl_launch_dependents();  // the step's first kernel: see pdl_wait
   const int t = blockIdx.x;
   const uint4* src = reinterpret_cast<const uint4*>(embed + (size_t)tokens[t] * hidden);
   float* dst = resid + (size_t)t * hidden;

@@ -467,12 +467,7 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
 }
 
 inline int sm_count() {
-  static int sms = 0;
-  if (sms == 0) {
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  }
+  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   return sms;
 }
 

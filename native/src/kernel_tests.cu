@@ -150,7 +150,7 @@ template <typename T, int HD> BufferMap qkv_test(const Ctx& c) {
 
 template <typename T, int HD> BufferMap attention_test(const Ctx& c) {
   const int heads = c.i("heads"), kv = c.i("kv_heads"), bs = c.i("block_size"), seqs = c.i("seqs"), width = c.i("table_width");
-  const int tokens = c.i("tokens"), max_pos = c.i("max_pos");
+  const int tokens = c.i("tokens");
   Dev q(c.buf("q")), kc(c.buf("k_cache")), vc(c.buf("v_cache")), qs(c.buf("query_starts")), cl(c.buf("context_lens")), bt(c.buf("block_tables"));
   Dev out((size_t)tokens * heads * HD * sizeof(T));
   std::vector<int> all(seqs);
@@ -160,13 +160,9 @@ template <typename T, int HD> BufferMap attention_test(const Ctx& c) {
     PrefillAttnArgs a{list.as<int>(), qs.as<int>(), cl.as<int>(), bt.as<int>(), width, heads, kv, bs, 1.4426950408889634f / std::sqrt((float)HD)};
     attention_prefill<T, HD>(kEager, seqs, c.i("max_query_len"), q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a);
   } else {
-    const int parts = ceil_div(max_pos, kPartition);
-    Dev pm((size_t)seqs * heads * parts * 4), pl((size_t)seqs * heads * parts * 4), po((size_t)seqs * heads * parts * HD * 4), cnt((size_t)seqs * kv * 4);
-    DecodeAttnArgs a{list.as<int>(), qs.as<int>(), cl.as<int>(), bt.as<int>(), width, heads, kv, bs, parts, 1.f / std::sqrt((float)HD),
-                     pm.as<float>(), pl.as<float>(), po.as<float>(), cnt.as<int>()};
-    attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a);
-    // A second run over the same buffers checks that the merge left its counters at zero.
-    attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a);
+    DecodeAttnArgs a{list.as<int>(), qs.as<int>(), cl.as<int>(), bt.as<int>(), width, heads, kv, bs, 1.f / std::sqrt((float)HD)};
+    attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a,
+                            c.i("cluster") ? c.i("cluster") : decode_cluster());
   }
   return {{"out", out.read()}};
 }

@@ -120,7 +120,6 @@ template <typename T, int HD> class Runner final : public Model {
   Runner(const ModelDims& d, const RunnerOptions& o) : d_(d), o_(o), gemm_(32u << 20), prof_(o.profile) {
     if (o_.profile) o_.graphs = false;  // the profiler times eager launches
     table_width_ = ceil_div(d.max_pos, o.block_size);
-    max_parts_ = ceil_div(d.max_pos, kPartition);
     allocate_weights();
     allocate_workspace();
     allocate_kv();
@@ -314,10 +313,9 @@ template <typename T, int HD> class Runner final : public Model {
   }
 
   void allocate_workspace() {
-    int max_heads = 0, max_kv = 0, max_inter = 0, max_qkv = 0;
+    int max_heads = 0, max_inter = 0, max_qkv = 0;
     for (const auto& l : d_.layers) {
       max_heads = std::max(max_heads, l.heads);
-      max_kv = std::max(max_kv, l.kv_heads);
       max_inter = std::max(max_inter, l.inter);
       max_qkv = std::max(max_qkv, (l.heads + 2 * l.kv_heads) * HD);
     }
@@ -337,11 +335,6 @@ template <typename T, int HD> class Runner final : public Model {
     act_ = arena_.device<T>(t * max_inter, "MLP activations");
     logits_ = arena_.device<float>(s * d_.vocab, "logits");
     probs_ = arena_.device<float>(s * d_.vocab, "sampling probabilities");
-    part_m_ = arena_.device<float>(s * max_heads * max_parts_, "attention partials");
-    part_l_ = arena_.device<float>(s * max_heads * max_parts_, "attention partials");
-    part_o_ = arena_.device<float>(s * max_heads * max_parts_ * HD, "attention partials");
-    counters_ = arena_.device<int>(s * max_kv, "attention counters");
-    CUDA_CHECK(cudaMemset(counters_, 0, s * max_kv * sizeof(int)));
     cur_tokens_ = arena_.device<int>(s, "sampling");
     cur_logprobs_ = arena_.device<float>(s, "sampling");
     cur_top_ids_ = arena_.device<int>(s * kMaxTopLogprobs, "sampling");
@@ -552,7 +545,7 @@ template <typename T, int HD> class Runner final : public Model {
     const int qw = ld.heads * HD;
     if (sh.n_dec) {
       DecodeAttnArgs a{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
-                       o_.block_size, max_parts_, 1.f / std::sqrt((float)HD), part_m_, part_l_, part_o_, counters_};
+                       o_.block_size, 1.f / std::sqrt((float)HD)};
       attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
       prof_.mark(stream_, "attention decode");
     }
@@ -711,7 +704,7 @@ template <typename T, int HD> class Runner final : public Model {
   Gemm gemm_;
   Profiler prof_;
   cudaStream_t stream_ = nullptr;
-  int table_width_ = 0, max_parts_ = 0, kv_blocks_ = 0;
+  int table_width_ = 0, kv_blocks_ = 0;
 
   std::vector<WeightInfo> weight_info_;
   std::map<std::string, void*> weight_ptr_;
@@ -721,8 +714,8 @@ template <typename T, int HD> class Runner final : public Model {
 
   float* resid_;
   T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_, *dequant_ = nullptr;
-  float *logits_, *probs_, *part_m_, *part_l_, *part_o_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
-  int *counters_, *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;
+  float *logits_, *probs_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
+  int *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;
   int* host_out_i_;
   float* host_out_f_;
   float2* rope_;
