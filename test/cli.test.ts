@@ -153,6 +153,23 @@ describe("decima tokenize / detokenize / logits", () => {
   });
 });
 
+describe("decima bench", () => {
+  it("times greedy decoding, or sampling with the generate command's sampler flags", async () => {
+    for (const sampler of [[], ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.01"]]) {
+      const args = ["bench", "--model", model, "--device", "cpu", "--batch", "1,2", "--prompt-len", "4", "--gen-len", "4", "--repeat", "1"];
+      const result = JSON.parse(await ok(...args, ...sampler, "--json"));
+      assert.deepEqual(
+        result.rows.map((r: { batch: number; genLen: number }) => [r.batch, r.genLen]),
+        [
+          [1, 4],
+          [2, 4],
+        ],
+      );
+      for (const row of result.rows) assert.ok(row.stepMs > 0 && row.decodeTokensPerS > 0, JSON.stringify(row));
+    }
+  });
+});
+
 describe("bad input: one line, no stack, non-zero exit", { concurrency: true }, () => {
   it("a missing --model (usage: exit 2)", async () => {
     const run = await failsWith(/required option '-m, --model/, "generate", "--prompt", "x");

@@ -29,6 +29,24 @@ __device__ inline void block_argmax(float& v, int& id, float* sv, int* si) {
   }
 }
 
+// f(i, x[i]) for every i < n this thread owns (i = threadIdx.x + k x blockDim.x, in increasing k), with
+// kInFlight loads issued before the first use: one at a time, a pass over a 49,152-entry row was a chain of
+// 48 round trips to L2 per thread. Each thread's order is the plain loop's, so every sum is unchanged.
+constexpr int kInFlight = 8;
+template <class F> __device__ __forceinline__ void row_pass(const float* x, int n, F f) {
+  for (int i0 = threadIdx.x; i0 < n; i0 += kInFlight * blockDim.x) {
+    float v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; u++) {
+      const int i = i0 + u * blockDim.x;
+      v[u] = i < n ? x[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; u++)
+      if (i0 + u * blockDim.x < n) f(i0 + u * blockDim.x, v[u]);
+  }
+}
+
 // Largest threshold t (as float bits; probabilities are non-negative, so bit order is value order) with
 // f(t) >= goal, where f is non-increasing: a sum or count over the entries >= t.
 template <class F> __device__ uint32_t bisect_threshold(F f, float goal) {
@@ -62,8 +80,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   // One pass over the raw logits: the maximum (first on ties), and the sum of exponentials online.
   float best = -INFINITY, sum = 0.f;
   int best_id = INT_MAX;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = row[i];
+  row_pass(row, vocab, [&](int i, float v) {
     if (v > best) {
       sum = sum * __expf(best - v) + 1.f;
       best = v;
@@ -71,7 +88,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     } else {
       sum += __expf(v - best);
     }
-  }
+  });
   const float m = best;
   block_argmax(best, best_id, sv, si);
   const float lse = best + __logf(block_sum(m == -INFINITY ? 0.f : sum * __expf(m - best), scratch));
@@ -79,11 +96,11 @@ __global__ void __launch_bounds__(kSampleThreads)
   for (int n = 0; n < top_n; n++) {  // the alternatives, by repeated argmax (top_n <= 20)
     float v = -INFINITY;
     int id = INT_MAX;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    row_pass(row, vocab, [&](int i, float x) {
       bool taken = false;
       for (int j = 0; j < n; j++) taken |= picked[j] == i;
-      if (!taken && (row[i] > v || (row[i] == v && i < id))) { v = row[i]; id = i; }
-    }
+      if (!taken && (x > v || (x == v && i < id))) { v = x; id = i; }
+    });
     block_argmax(v, id, sv, si);
     if (threadIdx.x == 0) {
       picked[n] = id;
@@ -111,8 +128,9 @@ __global__ void __launch_bounds__(kSampleThreads)
   if (pen1 > pen0) {
     best = -INFINITY;
     best_id = INT_MAX;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-      if (row[i] > best) { best = row[i]; best_id = i; }
+    row_pass(row, vocab, [&](int i, float x) {
+      if (x > best) { best = x; best_id = i; }
+    });
     block_argmax(best, best_id, sv, si);
   }
 
@@ -120,23 +138,23 @@ __global__ void __launch_bounds__(kSampleThreads)
   if (temp > 0.f) {
     float* p = probs + (size_t)s * vocab;
     float z = 0.f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const float e = __expf((row[i] - best) / temp);
+    row_pass(row, vocab, [&](int i, float x) {
+      const float e = __expf((x - best) / temp);
       p[i] = e;
       z += e;
-    }
+    });
     z = block_sum(z, scratch);
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) p[i] /= z;
+    row_pass(p, vocab, [&](int i, float x) { p[i] = x / z; });
     __syncthreads();
     const float pmax = 1.f / z;
     auto count_ge = [&](uint32_t t) {
       float c = 0.f;
-      for (int i = threadIdx.x; i < vocab; i += blockDim.x) c += __float_as_uint(p[i]) >= t ? 1.f : 0.f;
+      row_pass(p, vocab, [&](int, float x) { c += __float_as_uint(x) >= t ? 1.f : 0.f; });
       return block_sum(c, scratch);
     };
     auto mass_ge = [&](uint32_t t) {
       float mass = 0.f;
-      for (int i = threadIdx.x; i < vocab; i += blockDim.x) mass += __float_as_uint(p[i]) >= t ? p[i] : 0.f;
+      row_pass(p, vocab, [&](int, float x) { mass += __float_as_uint(x) >= t ? x : 0.f; });
       return block_sum(mass, scratch);
     };
     uint32_t t = 0;

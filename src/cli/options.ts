@@ -39,6 +39,16 @@ export async function loadTokenizer(model: string): Promise<Tokenizer> {
   return Tokenizer.load((await resolveModel(model)).dir);
 }
 
+/** The sampler's choices of distribution (flags named as their SamplingOptions fields). */
+export function samplerOptions(): Option[] {
+  return [
+    numberOption("--temperature <t>", "0 (the default) is greedy", { min: 0 }),
+    numberOption("--top-p <p>", "keep the most likely tokens holding this much probability", { above: 0, max: 1 }),
+    integerOption("--top-k <k>", "keep the k most likely tokens (0: all)", { min: 0 }),
+    numberOption("--min-p <p>", "drop tokens less likely than p times the most likely", { min: 0, max: 1 }),
+  ];
+}
+
 /** Bounds of a numeric flag; `above` is an exclusive lower bound. */
 export interface Range {
   min?: number;

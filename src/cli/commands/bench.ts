@@ -3,9 +3,12 @@ import { cudaDevice } from "../../engine/cuda/native.js";
 import { fail } from "../../errors.js";
 import { Rng } from "../../model/random.js";
 import { Engine } from "../../runtime/engine.js";
-import { deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions } from "../options.js";
+import type { SamplingOptions } from "../../runtime/sampling-params.js";
+import { deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
 
-interface BenchOptions extends ModelOptions {
+type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
+
+interface BenchOptions extends ModelOptions, Sampler {
   batch: string;
   promptLen: number;
   genLen: number;
@@ -31,7 +34,7 @@ export interface BenchRow {
 }
 
 export function register(program: Command): void {
-  program
+  const command = program
     .command("bench")
     .description("measure time to first token, per-step latency, tokens/s and the fraction of the bandwidth floor")
     .addOption(modelOption())
@@ -42,32 +45,33 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "new tokens per request", { min: 1 }).default(256))
     .addOption(integerOption("--repeat <n>", "timed runs per batch size (the median is reported)", { min: 1 }).default(3))
     .addOption(integerOption("--decode-steps <n>", "decode steps per backend call (default: the engine's)", { min: 1 }))
-    .option("--json", "print JSON instead of a table")
-    .action(async (opts: BenchOptions) => {
-      const batches = opts.batch.split(",").map((b) => Number(b));
-      if (batches.some((b) => !Number.isInteger(b) || b < 1)) fail("input", `--batch must list positive integers (got "${opts.batch}")`);
-      const engine = await Engine.load({
-        model: opts.model,
-        device: opts.device,
-        dtype: opts.dtype,
-        maxBatchTokens: Math.max(4096, ...batches),
-        maxBatchSeqs: Math.max(256, Math.max(...batches)),
-        decodeSteps: opts.decodeSteps,
-      });
-      try {
-        const bandwidth = engine.device === "cuda" ? measureBandwidth() : null;
-        const rows = [];
-        for (const batch of batches) rows.push(await benchBatch(engine, batch, opts, bandwidth));
-        const info = engine.backendInfo;
-        if (opts.json) {
-          process.stdout.write(`${JSON.stringify({ model: opts.model, backend: info.description, weightBytes: info.weightBytes, bandwidth, rows })}\n`);
-        } else {
-          printTable(opts.model, info, bandwidth, rows);
-        }
-      } finally {
-        await engine.close();
-      }
+    .option("--json", "print JSON instead of a table");
+  for (const option of samplerOptions()) command.addOption(option);
+  command.action(async (opts: BenchOptions) => {
+    const batches = opts.batch.split(",").map((b) => Number(b));
+    if (batches.some((b) => !Number.isInteger(b) || b < 1)) fail("input", `--batch must list positive integers (got "${opts.batch}")`);
+    const engine = await Engine.load({
+      model: opts.model,
+      device: opts.device,
+      dtype: opts.dtype,
+      maxBatchTokens: Math.max(4096, ...batches),
+      maxBatchSeqs: Math.max(256, Math.max(...batches)),
+      decodeSteps: opts.decodeSteps,
     });
+    try {
+      const bandwidth = engine.device === "cuda" ? measureBandwidth() : null;
+      const rows = [];
+      for (const batch of batches) rows.push(await benchBatch(engine, batch, opts, bandwidth));
+      const info = engine.backendInfo;
+      if (opts.json) {
+        process.stdout.write(`${JSON.stringify({ model: opts.model, backend: info.description, weightBytes: info.weightBytes, bandwidth, rows })}\n`);
+      } else {
+        printTable(opts.model, info, bandwidth, rows);
+      }
+    } finally {
+      await engine.close();
+    }
+  });
 }
 
 /** Bytes per second the GPU reads from its memory (best of 10 passes over 1 GiB). */
@@ -82,9 +86,10 @@ async function benchBatch(engine: Engine, batch: number, opts: BenchOptions, ban
   const vocab = Math.min(engine.config.vocabSize, engine.tokenizer.vocabSize);
   const prompts = Array.from({ length: batch }, () => Array.from({ length: opts.promptLen }, () => 19 + Math.floor(rng.uniform() * (vocab - 19))));
   // The first run compiles what the shapes need (cuBLAS plans, the batch's CUDA graph) and is not counted.
-  await runOnce(engine, prompts, Math.min(opts.genLen, 32));
+  const sampler: Sampler = { temperature: opts.temperature, topP: opts.topP, topK: opts.topK, minP: opts.minP };
+  await runOnce(engine, prompts, Math.min(opts.genLen, 32), sampler);
   const runs = [];
-  for (let r = 0; r < opts.repeat; r++) runs.push(await runOnce(engine, prompts, opts.genLen));
+  for (let r = 0; r < opts.repeat; r++) runs.push(await runOnce(engine, prompts, opts.genLen, sampler));
   const ttftMs = median(runs.map((r) => r.ttftMs));
   const stepMs = median(runs.map((r) => r.stepMs));
   const wallMs = median(runs.map((r) => r.wallMs));
@@ -101,13 +106,13 @@ async function benchBatch(engine: Engine, batch: number, opts: BenchOptions, ban
   };
 }
 
-async function runOnce(engine: Engine, prompts: number[][], genLen: number) {
+async function runOnce(engine: Engine, prompts: number[][], genLen: number, sampler: Sampler) {
   const start = performance.now();
   const times = await Promise.all(
     prompts.map(async (prompt) => {
       let first = 0;
       let last = 0;
-      for await (const e of engine.generate({ prompt, maxTokens: genLen, temperature: 0, ignoreEos: true })) {
+      for await (const e of engine.generate({ ...sampler, prompt, maxTokens: genLen, ignoreEos: true })) {
         if (e.type !== "token") continue;
         last = performance.now();
         if (first === 0) first = last;

@@ -3,7 +3,7 @@ import { type Command, Option } from "commander";
 import { fail, oneLine } from "../../errors.js";
 import type { DoneEvent, Engine, GenerateRequest } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
-import { type ModelOptions, deviceOption, dtypeOption, integerOption, modelOption, numberOption, withEngine } from "../options.js";
+import { type ModelOptions, deviceOption, dtypeOption, integerOption, modelOption, numberOption, samplerOptions, withEngine } from "../options.js";
 
 /** Commander names each flag as its SamplingOptions field (--top-p: topP), so they pass straight through. */
 interface GenerateOptions extends ModelOptions, SamplingOptions {
@@ -15,18 +15,16 @@ interface GenerateOptions extends ModelOptions, SamplingOptions {
 }
 
 export function register(program: Command): void {
-  program
+  const command = program
     .command("generate")
     .description("continue a prompt (or fill in the middle with --suffix), streaming the text to stdout")
     .addOption(modelOption())
     .addOption(new Option("-p, --prompt <text>", "the prompt").conflicts("promptFile"))
     .option("--prompt-file <file>", "read the prompt from a file")
     .option("--suffix <text>", "fill in the middle: the text after the gap")
-    .addOption(integerOption("--max-tokens <n>", "most tokens to generate", { min: 1 }).default(256))
-    .addOption(numberOption("--temperature <t>", "0 (the default) is greedy", { min: 0 }))
-    .addOption(numberOption("--top-p <p>", "keep the most likely tokens holding this much probability", { above: 0, max: 1 }))
-    .addOption(integerOption("--top-k <k>", "keep the k most likely tokens (0: all)", { min: 0 }))
-    .addOption(numberOption("--min-p <p>", "drop tokens less likely than p times the most likely", { min: 0, max: 1 }))
+    .addOption(integerOption("--max-tokens <n>", "most tokens to generate", { min: 1 }).default(256));
+  for (const option of samplerOptions()) command.addOption(option);
+  command
     .addOption(numberOption("--repetition-penalty <r>", "penalize tokens already in the text (1: off)", { above: 0 }))
     .addOption(numberOption("--frequency-penalty <f>", "subtract f per earlier occurrence", { min: -2, max: 2 }))
     .addOption(numberOption("--presence-penalty <p>", "subtract p from tokens already generated", { min: -2, max: 2 }))
