@@ -16,7 +16,7 @@ import { buildEngine } from "../src/model/build-engine.js";
 import { PRESETS, type PresetName, createModel, presetConfigJson } from "../src/model/create.js";
 import { readEngine } from "../src/model/engine-file.js";
 import { float32Source, packWeights } from "../src/model/pack.js";
-import { quantizeLayer } from "../src/model/quantize.js";
+import { quantizeHead, quantizeLayer } from "../src/model/quantize.js";
 import { randomWeights } from "../src/model/random.js";
 import { expectedShapes } from "../src/model/weights.js";
 import { Engine } from "../src/runtime/engine.js";
@@ -107,7 +107,8 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
     test(`decilm-tiny with ${kind} weights: logits within 1e-2 of the CPU reference on the same quantized weights`, async () => {
       const config = parseModelConfig(presetConfigJson(PRESETS["decilm-tiny"], "bfloat16"));
       const dense = await packWeights(float32Source(randomWeights(config, 11), expectedShapes(config)), config, "bfloat16");
-      const weights = { ...dense, layers: dense.layers.map((l, i) => quantizeLayer(l, { kind, groupSize: 128 }, `layers.${i}`)) };
+      const quant = { kind, groupSize: 128 };
+      const weights = { ...dense, layers: dense.layers.map((l, i) => quantizeLayer(l, quant, `layers.${i}`)), lmHead: quantizeHead(dense.lmHead, quant) };
       const cpu = new CpuBackend(weights, { numBlocks: 64 });
       const cuda = await CudaBackend.create(weights, { numBlocks: 64, maxBatchTokens: 512, maxBatchSeqs: 32 });
       opened.push(cpu, cuda);

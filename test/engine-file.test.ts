@@ -74,7 +74,7 @@ describe("building an engine", () => {
   it("writes a manifest naming its source, tokenizer files and aligned tensor table", async () => {
     const { manifest } = await readEngine(engines["tiny-int4"]);
     assert.equal(manifest.format, "decima-engine");
-    assert.equal(manifest.version, 1);
+    assert.equal(manifest.version, 2);
     assert.deepEqual(manifest.quant, { kind: "int4", groupSize: 16 });
     assert.deepEqual(manifest.config, JSON.parse(await readFile(join(models.tiny, "config.json"), "utf8")));
     assert.deepEqual(manifest.tokenizerFiles, ["tokenizer.json", "tokenizer_config.json"]);
@@ -96,13 +96,13 @@ describe("building an engine", () => {
     assert.deepEqual(names.slice(0, 3), ["embed", "layers.0.inputNorm", "layers.0.qkv"]);
     assert.deepEqual(names.slice(-2), ["norm", "lmHead"]);
     const formats = Object.fromEntries(manifest.tensors.map((t) => [t.name, t.format]));
-    assert.deepEqual([formats.embed, formats["layers.1.down"], formats["layers.1.postNorm"], formats.lmHead], ["dense", "int4", "vector", "dense"]);
+    assert.deepEqual([formats.embed, formats["layers.1.down"], formats["layers.1.postNorm"], formats.lmHead], ["dense", "int4", "vector", "int8"]);
     for (const t of manifest.tensors) {
       assert.equal(t.offset % ALIGNMENT, 0, t.name);
       if ("scalesOffset" in t) assert.equal(t.scalesOffset % ALIGNMENT, 0, t.name);
     }
-    const last = manifest.tensors.at(-1)!;
-    assert.equal((await stat(join(engines["tiny-int4"], WEIGHTS_FILE))).size, last.offset + last.bytes);
+    const end = Math.max(...manifest.tensors.map((t) => ("scalesOffset" in t ? t.scalesOffset + t.scalesBytes : t.offset + t.bytes)));
+    assert.equal((await stat(join(engines["tiny-int4"], WEIGHTS_FILE))).size, end);
   });
 
   it("stores a tied LM head once, as the embedding", async () => {
@@ -234,10 +234,10 @@ describe("reading an engine refuses", () => {
 
   it("an engine of another version", async () => {
     const dir = await corrupted((_, m) => {
-      m.version = 2;
+      m.version = 1;
       delete m.tensors; // another version may lay things out any way
     });
-    await rejectsOneLine(readEngine(dir), /engine\.json: engine version 2; this decima reads version 1 \(rebuild the engine/);
+    await rejectsOneLine(readEngine(dir), /engine\.json: engine version 1; this decima reads version 2 \(rebuild the engine/);
   });
 
   it("a tensor offset past the end of weights.bin", async () => {

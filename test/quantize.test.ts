@@ -4,7 +4,7 @@ import { dequantize } from "../src/engine/cpu/dequantize.js";
 import { DecimaError } from "../src/errors.js";
 import { parseModelConfig } from "../src/model/config.js";
 import { type FloatDType, f16ToF32, f32ToF16, fromFloat32, toFloat32 } from "../src/model/dtype.js";
-import { checkQuantization, quantizeInt4, quantizeInt8, quantizeLayer } from "../src/model/quantize.js";
+import { checkQuantization, quantizeHead, quantizeInt4, quantizeInt8, quantizeLayer } from "../src/model/quantize.js";
 import { Rng } from "../src/model/random.js";
 import type { DenseMatrix, Int4Matrix, Int8Matrix, LayerWeights } from "../src/model/weights.js";
 
@@ -156,6 +156,17 @@ describe("which tensors are quantized", () => {
     assert.deepEqual([q4.qkv, q4.o, q4.gateUp, q4.down].map((w) => w.format), ["int4", "int4", "int4", "int4"]);
     assert.equal(quantizeLayer(layer, { kind: "none" }, "layers.0"), layer);
     expectOneLine(() => quantizeLayer(layer, { kind: "int4", groupSize: 32 }, "layers.0"), /^layers\.0\.down: 48 columns/);
+  });
+
+  it("quantizes the LM head to int8 per channel whatever the layers' kind, and leaves it alone unquantized", () => {
+    const head = randomMatrix(40, 32, 11);
+    for (const quant of [{ kind: "int8" as const }, { kind: "int4" as const, groupSize: 16 }]) {
+      const q = quantizeHead(head, quant);
+      assert.equal(q.format, "int8");
+      assert.deepEqual(q, quantizeInt8(head, "lmHead"));
+    }
+    assert.equal(quantizeHead(head, { kind: "none" }), head);
+    expectOneLine(() => quantizeHead(quantizeInt8(head), { kind: "int8" }), /^lmHead: is already int8/);
   });
 
   it("checks a quantization against the model's shapes before any weight is read", () => {

@@ -108,6 +108,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const std::string quant = o.Get("quant").IsString() ? o.Get("quant").As<Napi::String>().Utf8Value() : "none";
     d.quant = quant == "int8" ? decima::Quant::Int8 : quant == "int4" ? decima::Quant::Int4 : decima::Quant::None;
     d.group = num(o, "groupSize", 128);
+    const std::string head = o.Get("headQuant").IsString() ? o.Get("headQuant").As<Napi::String>().Utf8Value() : "none";
+    d.head_quant = head == "int8" ? decima::Quant::Int8 : decima::Quant::None;
     decima::RunnerOptions r;
     r.block_size = num(o, "blockSize", r.block_size);
     r.kv_blocks = num(o, "kvBlocks", 0);

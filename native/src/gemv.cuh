@@ -111,6 +111,7 @@ template <typename T> struct DenseW {
   const T* w;
   int cols;
   __device__ Vec load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
+  DenseW from_row(int r) const { return {w + (size_t)r * cols, cols}; }
   template <int B>
   __device__ void dot(const Vec& lo, const Vec& hi, int v, const T* xs, int stride, float (&acc_lo)[B], float (&acc_hi)[B]) const {
     float wl[8], wh[8];
@@ -212,6 +213,7 @@ template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
   const half* scales;  // [rows]
   int cols;
   static Int8W make(const int8_t* q, const half* scales, int cols) { return {{}, q, scales, cols}; }
+  Int8W from_row(int r) const { return make(q + (size_t)r * cols, scales + r, cols); }
   __device__ Vec load(int row, int v) const { return {load_stream(q + (size_t)row * cols + v * 16), __half2float(scales[row])}; }
   // Values 8h .. 8h + 7 of the vector.
   static __device__ void to_float8(const uint4& q, int h, float* out) {
@@ -234,6 +236,7 @@ template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
     if ((32 << shift) != group) throw CudaError("int4: group size " + std::to_string(group) + " is not 32 x a power of two");
     return {{}, q, scales, cols, cols / group, shift};
   }
+  Int4W from_row(int r) const { return {{}, q + (size_t)r * (cols / 2), scales + (size_t)r * groups, cols, groups, group_shift}; }
   __device__ Vec load(int row, int v) const {
     return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
   }

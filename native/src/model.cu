@@ -108,6 +108,7 @@ struct InputRegion {
 struct Linear {
   void* data;
   half* scales;
+  Quant quant;
 };
 
 struct LayerWeights {
@@ -241,8 +242,8 @@ template <typename T, int HD> class Runner final : public Model {
 
   // A linear layer's data and, when quantized, its scales ("<name>.scales"), in the layout of
   // src/model/weights.ts.
-  void add_linear(const std::string& name, int layer, size_t rows, size_t cols) {
-    switch (d_.quant) {
+  void add_linear(const std::string& name, int layer, size_t rows, size_t cols, Quant quant) {
+    switch (quant) {
       case Quant::None: add_weight(name, layer, rows * cols); return;
       case Quant::Int8:
         weight_info_.push_back({name, layer, rows * cols});
@@ -255,25 +256,40 @@ template <typename T, int HD> class Runner final : public Model {
     }
   }
 
-  Linear linear(const std::string& name, int layer) {
-    const bool quantized = d_.quant != Quant::None;
-    return Linear{weight_ptr_.at(key(name, layer)), quantized ? (half*)weight_ptr_.at(key(name + ".scales", layer)) : nullptr};
+  Linear linear(const std::string& name, int layer, Quant quant) {
+    return Linear{weight_ptr_.at(key(name, layer)), quant != Quant::None ? (half*)weight_ptr_.at(key(name + ".scales", layer)) : nullptr, quant};
   }
 
   // Call f with the linear layer as its kernels read it (DenseW, Int8W or Int4W, see gemv.cuh).
   template <class F> void with_linear(const Linear& lin, int cols, F&& f) const {
-    with_weight_format<T>(static_cast<int>(d_.quant), lin.data, lin.scales, cols, d_.group, f);
+    with_weight_format<T>(static_cast<int>(lin.quant), lin.data, lin.scales, cols, d_.group, f);
   }
 
-  // A linear layer as 16-bit values for cuBLASLt: itself, or dequantized into scratch.
-  const void* dense(const Launch& l, const Linear& lin, int rows, int cols) {
-    if (d_.quant == Quant::None) return lin.data;
+  // Rows [r0, r0 + rows) of a linear layer as 16-bit values for cuBLASLt: itself, or dequantized into scratch.
+  const void* dense(const Launch& l, const Linear& lin, int cols, int r0, int rows) {
+    if (lin.quant == Quant::None) return static_cast<const T*>(lin.data) + (size_t)r0 * cols;
     with_linear(lin, cols, [&](const auto& w) {
       using W = std::decay_t<decltype(w)>;
       const int vecs = rows * (cols / W::kPerVec);
-      launch(l, dequantize_kernel<T, W>, dim3(std::min(ceil_div(vecs, 256), 4096)), dim3(256), 0, w, rows, dequant_);
+      launch(l, dequantize_kernel<T, W>, dim3(std::min(ceil_div(vecs, 256), 4096)), dim3(256), 0, w.from_row(r0), rows, dequant_);
     });
     return dequant_;
+  }
+
+  // out[rows][vocab] = x (rows of `hidden`) times the LM head, through cuBLASLt. A quantized head goes in
+  // slices of vocabulary rows that fit the dequantization scratch, each slice's logits copied into place
+  // (a scratch for the whole head would be the size of the 16-bit head the quantization saved).
+  void head_gemm(const Launch& l, const T* x, int rows, float* out) {
+    const int h = d_.hidden, v = d_.vocab;
+    if (lm_head_.quant == Quant::None) {
+      gemm_.run(stream_, d_.dtype, lm_head_.data, x, out, rows, v, h, true, false);
+      return;
+    }
+    for (int r0 = 0; r0 < v; r0 += head_slice_) {
+      const int n = std::min(head_slice_, v - r0);
+      gemm_.run(stream_, d_.dtype, dense(l, lm_head_, h, r0, n), x, head_logits_, rows, n, h, true, false);
+      CUDA_CHECK(cudaMemcpy2DAsync(out + r0, (size_t)v * 4, head_logits_, (size_t)n * 4, (size_t)n * 4, rows, cudaMemcpyDeviceToDevice, stream_));
+    }
   }
 
   void allocate_weights() {
@@ -282,14 +298,14 @@ template <typename T, int HD> class Runner final : public Model {
     for (int i = 0; i < (int)d_.layers.size(); i++) {
       const LayerDims& l = d_.layers[i];
       add_weight("in_norm", i, h);
-      add_linear("qkv", i, (size_t)(l.heads + 2 * l.kv_heads) * l.head_dim, h);
-      add_linear("o", i, h, (size_t)l.heads * l.head_dim);
+      add_linear("qkv", i, (size_t)(l.heads + 2 * l.kv_heads) * l.head_dim, h, d_.quant);
+      add_linear("o", i, h, (size_t)l.heads * l.head_dim, d_.quant);
       add_weight("post_norm", i, h);
-      add_linear("gate_up", i, 2 * (size_t)l.inter, h);
-      add_linear("down", i, h, l.inter);
+      add_linear("gate_up", i, 2 * (size_t)l.inter, h, d_.quant);
+      add_linear("down", i, h, l.inter, d_.quant);
     }
     add_weight("norm", -1, h);
-    if (!d_.tied) add_weight("lm_head", -1, (size_t)d_.vocab * h);
+    if (!d_.tied) add_linear("lm_head", -1, d_.vocab, h, d_.head_quant);
     size_t total = 0;
     for (const auto& w : weight_info_) total += (w.bytes + 255) & ~size_t(255);
     char* base = arena_.device<char>(total, "weights");
@@ -301,15 +317,15 @@ template <typename T, int HD> class Runner final : public Model {
     for (int i = 0; i < (int)d_.layers.size(); i++) {
       LayerWeights& lw = layers_[i];
       lw.in_norm = weight_ptr_[key("in_norm", i)];
-      lw.qkv = linear("qkv", i);
-      lw.o = linear("o", i);
+      lw.qkv = linear("qkv", i, d_.quant);
+      lw.o = linear("o", i, d_.quant);
       lw.post_norm = weight_ptr_[key("post_norm", i)];
-      lw.gate_up = linear("gate_up", i);
-      lw.down = linear("down", i);
+      lw.gate_up = linear("gate_up", i, d_.quant);
+      lw.down = linear("down", i, d_.quant);
     }
     embed_ = (T*)weight_ptr_[key("embed", -1)];
     norm_ = (T*)weight_ptr_[key("norm", -1)];
-    lm_head_ = d_.tied ? embed_ : (T*)weight_ptr_[key("lm_head", -1)];
+    lm_head_ = d_.tied ? Linear{embed_, nullptr, Quant::None} : linear("lm_head", -1, d_.head_quant);
   }
 
   void allocate_workspace() {
@@ -326,12 +342,17 @@ template <typename T, int HD> class Runner final : public Model {
     q_ = arena_.device<T>(t * max_heads * HD, "queries");
     attn_ = arena_.device<T>(t * max_heads * HD, "attention output");
     gate_up_ = arena_.device<T>(t * 2 * max_inter, "gate/up products");
-    if (d_.quant != Quant::None) {  // the largest linear layer, dequantized for cuBLASLt
-      size_t biggest = 0;
+    size_t biggest = 0;  // the largest quantized linear layer, or LM head slice, dequantized for cuBLASLt
+    if (d_.quant != Quant::None)
       for (const auto& l : d_.layers)
         biggest = std::max({biggest, (size_t)(l.heads + 2 * l.kv_heads) * HD * h, 2 * (size_t)l.inter * h, (size_t)l.inter * h});
-      dequant_ = arena_.device<T>(biggest, "dequantized weights");
+    if (lm_head_.quant != Quant::None) {
+      // At most half the vocabulary, so that even tiny test models cross a slice boundary.
+      head_slice_ = (int)std::min<size_t>(ceil_div(d_.vocab, 2), biggest ? biggest / h : 8192);
+      biggest = std::max(biggest, (size_t)head_slice_ * h);
+      head_logits_ = arena_.device<float>(s * head_slice_, "LM head slice logits");
     }
+    if (biggest) dequant_ = arena_.device<T>(biggest, "dequantized weights");
     act_ = arena_.device<T>(t * max_inter, "MLP activations");
     logits_ = arena_.device<float>(s * d_.vocab, "logits");
     probs_ = arena_.device<float>(s * d_.vocab, "sampling probabilities");
@@ -498,7 +519,7 @@ template <typename T, int HD> class Runner final : public Model {
       } else {
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
         prof_.mark(stream_, "rmsnorm");
-        gemm_.run(stream_, dt, dense(l, w.qkv, rows_qkv, h), xnorm_, qkv_, n, rows_qkv, h, false, false);
+        gemm_.run(stream_, dt, dense(l, w.qkv, h, 0, rows_qkv), xnorm_, qkv_, n, rows_qkv, h, false, false);
         prof_.mark(stream_, "gemm qkv");
         launch(l, rope_kv_write_kernel<T>, dim3(n), dim3(128), 0, (const T*)qkv_, HD, ld.heads, ld.kv_heads, o_.block_size, q_, k_cache_[i],
                v_cache_[i], rope_args());
@@ -520,15 +541,15 @@ template <typename T, int HD> class Runner final : public Model {
         with_linear(w.down, ld.inter, [&](const auto& wd) { gemv<T>(l, wd, h, ld.inter, n, RowsLinear::tiles(h), ProPlain<T>{act_, ld.inter}, epi); });
         prof_.mark(stream_, "gemv down");
       } else {
-        gemm_.run(stream_, dt, dense(l, w.o, h, qw), attn_, resid_, n, h, qw, true, true);
+        gemm_.run(stream_, dt, dense(l, w.o, qw, 0, h), attn_, resid_, n, h, qw, true, true);
         prof_.mark(stream_, "gemm o");
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.post_norm, xnorm_, h, d_.eps);
         prof_.mark(stream_, "rmsnorm");
-        gemm_.run(stream_, dt, dense(l, w.gate_up, 2 * ld.inter, h), xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
+        gemm_.run(stream_, dt, dense(l, w.gate_up, h, 0, 2 * ld.inter), xnorm_, gate_up_, n, 2 * ld.inter, h, false, false);
         prof_.mark(stream_, "gemm gate/up");
         launch(l, silu_mul_kernel<T>, dim3(ceil_div(ld.inter, 256), n), dim3(256), 0, (const T*)gate_up_, act_, ld.inter);
         prof_.mark(stream_, "silu x up");
-        gemm_.run(stream_, dt, dense(l, w.down, h, ld.inter), act_, resid_, n, h, ld.inter, true, true);
+        gemm_.run(stream_, dt, dense(l, w.down, ld.inter, 0, h), act_, resid_, n, h, ld.inter, true, true);
         prof_.mark(stream_, "gemm down");
       }
     }
@@ -565,14 +586,18 @@ template <typename T, int HD> class Runner final : public Model {
     epi.rows = d_.vocab;
     epi.out = logits_;
     epi.ld = d_.vocab;
-    const DenseW<T> head{lm_head_, h};
     if (sh.tokens == s && s <= kGemvMaxBatch) {
-      gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      with_linear(lm_head_, h, [&](const auto& head) {
+        gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
+      });
       return;
     }
     launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
-    if (s <= kGemvMaxBatch) gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi);
-    else gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, logits_, s, d_.vocab, h, true, false);
+    if (s <= kGemvMaxBatch) {
+      with_linear(lm_head_, h, [&](const auto& head) { gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi); });
+    } else {
+      head_gemm(l, xnorm_, s, logits_);
+    }
   }
 
   void sample(const Launch& l, int seqs, int top_n) {
@@ -666,7 +691,7 @@ template <typename T, int HD> class Runner final : public Model {
       const int rows = std::min(chunk, sh.tokens - r0);
       launch(l, rmsnorm_kernel<T>, dim3(rows), dim3(256), 0, (const float*)(resid_ + (size_t)r0 * h), (const int*)nullptr, (const T*)norm_, xnorm_,
              h, d_.eps);
-      gemm_.run(stream_, d_.dtype, lm_head_, xnorm_, probs_, rows, d_.vocab, h, true, false);
+      head_gemm(l, xnorm_, rows, probs_);
       CUDA_CHECK(cudaMemcpyAsync(all.data() + (size_t)r0 * d_.vocab, probs_, (size_t)rows * d_.vocab * 4, cudaMemcpyDeviceToHost, stream_));
     }
     CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -709,7 +734,10 @@ template <typename T, int HD> class Runner final : public Model {
   std::vector<WeightInfo> weight_info_;
   std::map<std::string, void*> weight_ptr_;
   std::vector<LayerWeights> layers_;
-  T *embed_ = nullptr, *norm_ = nullptr, *lm_head_ = nullptr;
+  T *embed_ = nullptr, *norm_ = nullptr;
+  Linear lm_head_{};
+  int head_slice_ = 0;  // vocabulary rows of a quantized LM head per cuBLASLt product
+  float* head_logits_ = nullptr;
   std::vector<T*> k_cache_, v_cache_;
 
   float* resid_;

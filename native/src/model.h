@@ -25,6 +25,7 @@ struct ModelDims {
   bool tied = false;
   Quant quant = Quant::None;  // the four linear layers of every decoder layer (src/model/quantize.ts)
   int group = 128;            // int4 group size (columns)
+  Quant head_quant = Quant::None;  // the untied LM head: 16-bit, or int8 in quantized engines
 };
 
 struct RunnerOptions {

@@ -19,7 +19,7 @@ import {
 } from "./engine-file.js";
 import { checkOutDir, exists, readJson, writeAtomically } from "./files.js";
 import { loadWeights, resolveModel } from "./model-dir.js";
-import { DEFAULT_GROUP_SIZE, type QuantKind, type Quantization, checkQuantization, quantizeLayer } from "./quantize.js";
+import { DEFAULT_GROUP_SIZE, type QuantKind, type Quantization, checkQuantization } from "./quantize.js";
 
 /**
  * `decima build`: a Hugging Face model (directory or hub id) to an engine directory (see engine-file.ts),
@@ -91,7 +91,7 @@ export async function buildEngine(options: BuildOptions): Promise<BuiltEngine> {
     let done = 0;
     const tensors = await writeEngineWeights(
       join(tmp, WEIGHTS_FILE),
-      engineTensors(weights, (layer, name) => quantizeLayer(layer, quant, name)),
+      engineTensors(weights, quant),
       (tensor) => options.onProgress?.({ tensor, done: ++done, total }),
     );
     for (const name of ["config.json", ...tokenizerFiles]) await copyFile(join(dir, name), join(tmp, name));

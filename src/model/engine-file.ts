@@ -7,6 +7,7 @@ import { type ModelConfig, parseModelConfig, qkvRows } from "./config.js";
 import { type FloatDType, bytesPerElement } from "./dtype.js";
 import { exists, readAt, readJson, writeAt } from "./files.js";
 import type { DenseMatrix, LayerWeights, LinearWeight, ModelWeights, Vector } from "./weights.js";
+import { type Quantization, quantizeHead, quantizeLayer } from "./quantize.js";
 
 /**
  * A decima engine is a directory built once by `decima build` and loaded many times:
@@ -20,7 +21,7 @@ import type { DenseMatrix, LayerWeights, LinearWeight, ModelWeights, Vector } fr
 export const ENGINE_FILE = "engine.json";
 export const WEIGHTS_FILE = "weights.bin";
 export const ENGINE_FORMAT = "decima-engine";
-export const ENGINE_VERSION = 1;
+export const ENGINE_VERSION = 2;  // 2: quantized engines store the LM head as int8
 /** Every region of weights.bin starts at a multiple of this, so GPU copies and mapped views are aligned. */
 export const ALIGNMENT = 256;
 
@@ -85,20 +86,17 @@ export async function isEngineDir(dir: string): Promise<boolean> {
 
 /**
  * Every tensor of `weights` by its engine name ("embed", "layers.3.qkv", ...), in weights.bin order; a tied
- * LM head is the embedding, stored once. `mapLayer` may transform each layer as its turn comes (the
- * builder quantizes there, so only one quantized layer is in memory at a time).
+ * LM head is the embedding, stored once. With `quant`, each layer and the LM head are quantized as their
+ * turn comes (so only one quantized matrix is in memory at a time).
  */
-export function* engineTensors(
-  weights: ModelWeights,
-  mapLayer: (layer: LayerWeights, name: string) => LayerWeights = (layer) => layer,
-): Generator<[string, StoredTensor]> {
+export function* engineTensors(weights: ModelWeights, quant: Quantization = { kind: "none" }): Generator<[string, StoredTensor]> {
   yield ["embed", weights.embed];
   for (const [i, original] of weights.layers.entries()) {
-    const layer = mapLayer(original, `layers.${i}`);
+    const layer = quantizeLayer(original, quant, `layers.${i}`);
     for (const part of LAYER_PARTS) yield [`layers.${i}.${part}`, layer[part]];
   }
   yield ["norm", weights.norm];
-  if (weights.lmHead !== weights.embed) yield ["lmHead", weights.lmHead];
+  if (weights.lmHead !== weights.embed) yield ["lmHead", quantizeHead(weights.lmHead, quant)];
 }
 
 /**
@@ -208,7 +206,7 @@ function expectedTensors(config: ModelConfig, quant: EngineManifest["quant"]) {
     ["embed", { format: "dense", shape: [config.vocabSize, h] }],
     ["norm", { format: "vector", shape: [h] }],
   ]);
-  if (!config.tieWordEmbeddings) want.set("lmHead", { format: "dense", shape: [config.vocabSize, h] });
+  if (!config.tieWordEmbeddings) want.set("lmHead", { format: quant.kind === "none" ? "dense" : "int8", shape: [config.vocabSize, h] });
   config.layers.forEach((l, i) => {
     const shapes: Record<(typeof LAYER_PARTS)[number], number[]> = {
       inputNorm: [h],

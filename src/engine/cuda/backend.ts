@@ -73,6 +73,7 @@ export class CudaBackend implements Backend {
       dtype: manifest.dtype,
       quant: manifest.quant.kind,
       groupSize: manifest.quant.groupSize ?? 128,
+      headQuant: manifest.tensors.some((t) => t.name === "lmHead" && t.format === "int8") ? ("int8" as const) : ("none" as const),
       weightBytes: manifest.tensors.reduce((n, t) => n + (t.name === "embed" && !info.config.tieWordEmbeddings ? 0 : regionBytes(t)), 0),
     };
     return CudaBackend.open(layout, opts, (model) => {
@@ -106,6 +107,7 @@ export class CudaBackend implements Backend {
         tied: c.tieWordEmbeddings,
         quant: layout.quant,
         groupSize: layout.groupSize,
+        headQuant: layout.headQuant,
         blockSize,
         kvBlocks: opts.numBlocks ?? 0,
         kvFraction: opts.kvMemoryFraction ?? 0.9,
@@ -152,6 +154,7 @@ interface WeightLayout {
   dtype: "float16" | "bfloat16";
   quant: "none" | "int8" | "int4";
   groupSize: number;
+  headQuant: "none" | "int8";
   weightBytes: number;
 }
 
@@ -182,8 +185,11 @@ function newModel(addon: NativeAddon, opts: ConstructorParameters<NativeAddon["M
   return new addon.Model(opts);
 }
 
-/** The storage of the decoder layers' linear layers: one format for all of them (as decima build writes). */
-function quantization(w: ModelWeights): Pick<WeightLayout, "quant" | "groupSize"> {
+/**
+ * The storage of the decoder layers' linear layers (one format for all of them, as decima build writes) and
+ * of the LM head (16-bit or int8).
+ */
+function quantization(w: ModelWeights): Pick<WeightLayout, "quant" | "groupSize" | "headQuant"> {
   const first = w.layers[0].qkv;
   for (const [i, l] of w.layers.entries()) {
     for (const m of [l.qkv, l.o, l.gateUp, l.down]) {
@@ -191,8 +197,14 @@ function quantization(w: ModelWeights): Pick<WeightLayout, "quant" | "groupSize"
       if (m.format !== "dense" && m.scaleDtype !== "float16") fail("device", `layer ${i}: ${m.format} scales must be float16 on CUDA`);
     }
   }
-  if (w.lmHead.format !== "dense") fail("device", `the LM head must be 16-bit on CUDA (it is ${w.lmHead.format})`);
-  return { quant: first.format === "dense" ? "none" : first.format, groupSize: first.format === "int4" ? first.groupSize : 128 };
+  const head = w.lmHead;
+  if (head.format === "int4") fail("device", "an int4 LM head is not supported on CUDA (16-bit or int8)");
+  if (head.format === "int8" && head.scaleDtype !== "float16") fail("device", "the LM head's int8 scales must be float16 on CUDA");
+  return {
+    quant: first.format === "dense" ? "none" : first.format,
+    groupSize: first.format === "int4" ? first.groupSize : 128,
+    headQuant: head.format === "int8" ? "int8" : "none",
+  };
 }
 
 /** Weights go up one tensor at a time, under the names the native side allocated ("<name>.scales" too). */

@@ -37,6 +37,8 @@ export interface NativeModelOptions {
   /** How the four linear layers of every decoder layer are stored (src/model/weights.ts). */
   quant: "none" | "int8" | "int4";
   groupSize: number;
+  /** The (untied) LM head's storage. */
+  headQuant: "none" | "int8";
   blockSize: number;
   kvBlocks: number;
   kvFraction: number;
