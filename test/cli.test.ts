@@ -194,6 +194,11 @@ describe("bad input: one line, no stack, non-zero exit", { concurrency: true }, 
     await failsWith(/config\.json: unknown architecture "GPT2LMHeadModel"/, "generate", "--model", dir, "--prompt", "x");
   });
 
+  it("a pre-quantized checkpoint (quantization_config in config.json)", async () => {
+    const dir = await variant("gptq", (c) => (c.quantization_config = { quant_method: "gptq", bits: 4, group_size: 128, sym: true }));
+    await failsWith(/config\.json: a pre-quantized checkpoint \(quantization_config, method "gptq"\) is not supported; quantize a 16-bit one with decima build --quant int8\|int4/, "generate", "--model", dir, "--prompt", "x");
+  });
+
   it("weights whose shapes disagree with config.json", async () => {
     const dir = await variant("wide", (c) => (c.hidden_size = 512));
     const shape = /tensor model\.embed_tokens\.weight has shape \[1024, 256\], the config needs \[1024, 512\]/;

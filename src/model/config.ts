@@ -74,6 +74,7 @@ const hfConfigSchema = z.object({
   dtype: z.string().nullable().optional(),
   attention_bias: z.boolean().optional(),
   mlp_bias: z.boolean().optional(),
+  quantization_config: z.object({ quant_method: z.string().optional() }).passthrough().optional(),
 });
 
 type HfConfig = z.infer<typeof hfConfigSchema>;
@@ -92,6 +93,11 @@ export function parseModelConfig(raw: unknown, where = "config.json"): ModelConf
     fail("config", `${where}: hidden_act "${c.hidden_act}" is not supported (only silu)`);
   }
   if (c.attention_bias || c.mlp_bias) fail("config", `${where}: attention/MLP biases are not supported`);
+  if (c.quantization_config) {
+    // Pre-quantized checkpoints (GPTQ, AWQ, bitsandbytes, FP8) hold no 16-bit weights to read.
+    const method = c.quantization_config.quant_method ?? "unknown";
+    fail("config", `${where}: a pre-quantized checkpoint (quantization_config, method "${method}") is not supported; quantize a 16-bit one with decima build --quant int8|int4`);
+  }
 
   const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
