@@ -195,8 +195,8 @@ describe("bad input: one line, no stack, non-zero exit", { concurrency: true }, 
   });
 
   it("a pre-quantized checkpoint (quantization_config in config.json)", async () => {
-    const dir = await variant("gptq", (c) => (c.quantization_config = { quant_method: "gptq", bits: 4, group_size: 128, sym: true }));
-    await failsWith(/config\.json: a pre-quantized checkpoint \(quantization_config, method "gptq"\) is not supported; quantize a 16-bit one with decima build --quant int8\|int4/, "generate", "--model", dir, "--prompt", "x");
+    const dir = await variant("awq", (c) => (c.quantization_config = { quant_method: "awq", bits: 4, group_size: 128, zero_point: true }));
+    await failsWith(/config\.json: a pre-quantized checkpoint \(quantization_config, method "awq"\) is not supported; quantize a 16-bit one with decima build --quant int8\|int4/, "generate", "--model", dir, "--prompt", "x");
   });
 
   it("weights whose shapes disagree with config.json", async () => {

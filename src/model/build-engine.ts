@@ -61,19 +61,33 @@ type SourceFile = EngineManifest["source"]["files"][number];
 const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
 /**
+ * What to quantize to: as asked (none by default), and for a GPTQ checkpoint its own int4 groups, whose
+ * values pass through as they are.
+ */
+function quantization(config: ModelConfig, options: BuildOptions, dir: string): Quantization {
+  if (config.gptq) {
+    const g = config.gptq.groupSize;
+    if ((options.quant ?? "int4") !== "int4" || (options.groupSize ?? g) !== g) {
+      fail("input", `${dir}: a GPTQ checkpoint is int4 in groups of ${g} already: build it with --quant int4 --group-size ${g} (the defaults for it)`);
+    }
+    return { kind: "int4", groupSize: g };
+  }
+  const kind = options.quant ?? "none";
+  // A group size given with another kind stays, for checkQuantization to refuse.
+  return { kind, groupSize: kind === "int4" ? (options.groupSize ?? DEFAULT_GROUP_SIZE) : options.groupSize };
+}
+
+/**
  * Build an engine: everything is checked before any weight is read, the weights are loaded once, and each
  * layer is quantized and written as its turn comes. The directory is built beside `out` and renamed into
  * place at the end, so a failure leaves nothing behind.
  */
 export async function buildEngine(options: BuildOptions): Promise<BuiltEngine> {
   const start = performance.now();
-  const kind = options.quant ?? "none";
-  // A group size given with another kind stays, for checkQuantization to refuse.
-  const groupSize = kind === "int4" ? (options.groupSize ?? DEFAULT_GROUP_SIZE) : options.groupSize;
-  const quant: Quantization = { kind, groupSize };
   await checkOutDir(options.out);
   const { dir, config, source } = await resolveModel(options.model);
   if (await isEngineDir(dir)) fail("input", `${dir}: is a decima engine already; build from a Hugging Face model`);
+  const quant = quantization(config, options, dir);
   checkQuantization(config, quant);
   const dtype = await storageType(dir, config, options.dtype);
   const rawConfig = (await readJson(join(dir, "config.json"), "config")) as Record<string, unknown>;

@@ -7,7 +7,8 @@ import type { FloatDType } from "./dtype.js";
 import { exists, readJson } from "./files.js";
 import type { RawTensor, TensorSource } from "./pack.js";
 import { SafetensorsFile, type TensorInfo, floatDType } from "./safetensors.js";
-import { expectedShapes } from "./weights.js";
+import { checkGptqShape, gptqTensors } from "./gptq.js";
+import { expectedShapes, linearNames } from "./weights.js";
 
 /** Hugging Face's names for a model directory's weights: one file, or shards listed by an index. */
 export const SAFETENSORS_FILE = "model.safetensors";
@@ -82,6 +83,19 @@ export class Checkpoint implements TensorSource {
     return { dtype: floatOf(info), shape: info.shape, data: await this.byName.get(name)!.read(name) };
   }
 
+  /** An I32 tensor's values (GPTQ's packed weights and zero points). */
+  async readInt32(name: string): Promise<Int32Array> {
+    const info = this.info(name);
+    if (!info) fail("checkpoint", `${this.where}: tensor ${name} is missing`);
+    if (info.dtype !== "I32") fail("checkpoint", `${info.file}: tensor ${name} is ${info.dtype}, not I32`);
+    const bytes = await this.byName.get(name)!.read(name);
+    return new Int32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
+  }
+
+  has(name: string): boolean {
+    return this.byName.has(name);
+  }
+
   /** The float type that holds most of the parameters (a few checkpoints keep, say, norms in fp32). */
   get dtype(): FloatDType {
     const elements = new Map<FloatDType, number>();
@@ -105,16 +119,28 @@ export class Checkpoint implements TensorSource {
  * another shape. Extra tensors (rotary inv_freq and the like) are fine.
  */
 export function checkTensorShapes(checkpoint: Checkpoint, config: ModelConfig): void {
-  for (const [name, want] of expectedShapes(config)) {
+  const linear = linearNames(config);
+  const check = (name: string, want: number[], integer: boolean) => {
     const info = checkpoint.info(name);
     if (!info) fail("checkpoint", `${checkpoint.where}: tensor ${name} is missing`);
-    floatOf(info); // an integer (quantized) tensor where a float one is needed fails here
+    if (integer && info.dtype !== "I32") fail("checkpoint", `${info.file}: tensor ${name} is ${info.dtype}, not I32`);
+    if (!integer) floatOf(info); // an integer (quantized) tensor where a float one is needed fails here
     if (info.shape.length !== want.length || info.shape.some((d, i) => d !== want[i])) {
       fail(
         "checkpoint",
         `${info.file}: tensor ${name} has shape [${info.shape.join(", ")}], the config needs [${want.join(", ")}]`,
       );
     }
+  };
+  for (const [name, want] of expectedShapes(config)) {
+    if (!config.gptq || !linear.has(name)) {
+      check(name, want, false);
+      continue;
+    }
+    const [rows, cols] = want;
+    const base = name.replace(/\.weight$/, "");
+    checkGptqShape(base, rows, cols, config.gptq.groupSize);
+    for (const [part, shape] of gptqTensors(base, rows, cols, config.gptq.groupSize)) check(part, shape, !part.endsWith(".scales"));
   }
 }
 

@@ -33,6 +33,8 @@ export interface ModelConfig {
   eosTokenIds: number[];
   /** The checkpoint's declared storage type (`torch_dtype`/`dtype`), if any. */
   dtype: FloatDType | null;
+  /** A GPTQ checkpoint (4-bit, symmetric, no act-order): its linear layers' group size (src/model/gptq.ts). */
+  gptq?: { groupSize: number };
 }
 
 export const SUPPORTED_ARCHITECTURES = ["DeciCoderForCausalLM", "DeciLMForCausalLM", "LlamaForCausalLM"] as const;
@@ -74,7 +76,17 @@ const hfConfigSchema = z.object({
   dtype: z.string().nullable().optional(),
   attention_bias: z.boolean().optional(),
   mlp_bias: z.boolean().optional(),
-  quantization_config: z.object({ quant_method: z.string().optional() }).passthrough().optional(),
+  quantization_config: z
+    .object({
+      quant_method: z.string().optional(),
+      bits: z.number().optional(),
+      group_size: z.number().optional(),
+      desc_act: z.boolean().optional(),
+      sym: z.boolean().optional(),
+      checkpoint_format: z.string().optional(),
+    })
+    .passthrough()
+    .optional(),
 });
 
 type HfConfig = z.infer<typeof hfConfigSchema>;
@@ -93,11 +105,6 @@ export function parseModelConfig(raw: unknown, where = "config.json"): ModelConf
     fail("config", `${where}: hidden_act "${c.hidden_act}" is not supported (only silu)`);
   }
   if (c.attention_bias || c.mlp_bias) fail("config", `${where}: attention/MLP biases are not supported`);
-  if (c.quantization_config) {
-    // Pre-quantized checkpoints (GPTQ, AWQ, bitsandbytes, FP8) hold no 16-bit weights to read.
-    const method = c.quantization_config.quant_method ?? "unknown";
-    fail("config", `${where}: a pre-quantized checkpoint (quantization_config, method "${method}") is not supported; quantize a 16-bit one with decima build --quant int8|int4`);
-  }
 
   const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
@@ -124,7 +131,31 @@ export function parseModelConfig(raw: unknown, where = "config.json"): ModelConf
     bosTokenId: firstId(c.bos_token_id),
     eosTokenIds: allIds(c.eos_token_id),
     dtype: dtype !== null && isFloatDType(dtype) ? dtype : null,
+    ...gptqOf(c, where),
   };
+}
+
+/**
+ * A pre-quantized checkpoint holds no 16-bit weights to read. GPTQ's symmetric 4-bit groups without
+ * act-order are decima's int4 format repacked; anything else (AWQ's and asymmetric GPTQ's zero points,
+ * act-order, bitsandbytes, FP8) is refused.
+ */
+function gptqOf(c: HfConfig, where: string): Pick<ModelConfig, "gptq"> {
+  const q = c.quantization_config;
+  if (!q) return {};
+  const method = q.quant_method ?? "unknown";
+  if (method !== "gptq") {
+    fail("config", `${where}: a pre-quantized checkpoint (quantization_config, method "${method}") is not supported; quantize a 16-bit one with decima build --quant int8|int4`);
+  }
+  const why =
+    q.bits !== 4 ? `${q.bits ?? "unknown"} bits`
+    : q.sym === false ? "with zero points (sym: false)"
+    : q.desc_act ? "with act-order (desc_act: true)"
+    : q.checkpoint_format !== undefined && q.checkpoint_format !== "gptq" ? `checkpoint_format "${q.checkpoint_format}"`
+    : !(Number.isInteger(q.group_size) && q.group_size! > 0) ? `group_size ${q.group_size ?? "unknown"}`
+    : null;
+  if (why) fail("config", `${where}: GPTQ ${why} is not supported (4 bits, symmetric, without act-order, in groups)`);
+  return { gptq: { groupSize: q.group_size! } };
 }
 
 function checkArchitecture(c: HfConfig, where: string): void {

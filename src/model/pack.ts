@@ -1,7 +1,8 @@
 import { fail } from "../errors.js";
 import type { ModelConfig } from "./config.js";
 import { type FloatDType, fromFloat32, toFloat32 } from "./dtype.js";
-import { type DenseMatrix, type ModelWeights, type Vector, expectedShapes, tensorNames } from "./weights.js";
+import { readGptqLinear } from "./gptq.js";
+import { type DenseMatrix, type Int4Matrix, type LinearWeight, type ModelWeights, type Vector, expectedShapes, tensorNames } from "./weights.js";
 
 /** A tensor as stored: dtype, shape, little-endian bytes. */
 export interface RawTensor {
@@ -13,6 +14,9 @@ export interface RawTensor {
 /** Anything that yields tensors by Hugging Face name: a checkpoint on disk, or weights made in memory. */
 export interface TensorSource {
   read(name: string): Promise<RawTensor>;
+  /** Integer tensors (a GPTQ checkpoint's packed weights), where the source has them. */
+  readInt32?(name: string): Promise<Int32Array>;
+  has?(name: string): boolean;
 }
 
 /**
@@ -37,6 +41,18 @@ export async function packWeights(source: TensorSource, config: ModelConfig, dty
     return { format: "dense", rows, cols, dtype, data: concat(parts) };
   };
   const vector = async (name: string): Promise<Vector> => ({ dtype, length: shapes.get(name)![0], data: await read(name) });
+  // A GPTQ checkpoint's layers are int4 already: repacked, never rounded again.
+  const gptq = config.gptq;
+  const linear = async (names: string[]): Promise<LinearWeight> => {
+    if (!gptq) return matrix(names);
+    if (!source.readInt32 || !source.has) fail("checkpoint", "GPTQ weights need a checkpoint on disk");
+    const parts: Int4Matrix[] = [];
+    for (const n of names) {
+      parts.push(await readGptqLinear(source as Required<TensorSource>, n, shapes.get(n)![0], shapes.get(n)![1], gptq.groupSize));
+    }
+    const rows = parts.reduce((sum, p) => sum + p.rows, 0);
+    return { ...parts[0], rows, data: concat(parts.map((p) => p.data)), scales: concat(parts.map((p) => p.scales)) };
+  };
 
   const embed = await matrix([tensorNames.embed]);
   const layers = [];
@@ -44,11 +60,11 @@ export async function packWeights(source: TensorSource, config: ModelConfig, dty
     const n = tensorNames.layer(i);
     layers.push({
       inputNorm: await vector(n.inputNorm),
-      qkv: await matrix([n.q, n.k, n.v]),
-      o: await matrix([n.o]),
+      qkv: await linear([n.q, n.k, n.v]),
+      o: await linear([n.o]),
       postNorm: await vector(n.postNorm),
-      gateUp: await matrix([n.gate, n.up]),
-      down: await matrix([n.down]),
+      gateUp: await linear([n.gate, n.up]),
+      down: await linear([n.down]),
     });
   }
   const norm = await vector(tensorNames.norm);

@@ -80,11 +80,15 @@ function checkInt4Shape(name: string, cols: number, groupSize: number): void {
   }
 }
 
-/** A layer's four linear weights quantized as asked (kind "none" returns the layer itself). */
+/**
+ * A layer's four linear weights quantized as asked (kind "none" returns the layer itself). Weights already
+ * in the asked format (a GPTQ checkpoint's int4 groups) pass through.
+ */
 export function quantizeLayer(layer: LayerWeights, quant: Quantization, name: string): LayerWeights {
   if (quant.kind === "none") return layer;
   const one = (w: LinearWeight, part: string): LinearWeight => {
     const where = `${name}.${part}`;
+    if (w.format === "int4" && quant.kind === "int4" && w.groupSize === quant.groupSize) return w;
     if (w.format !== "dense") fail("engine", `${where}: is already ${w.format}`);
     return quant.kind === "int8" ? quantizeInt8(w, where) : quantizeInt4(w, quant.groupSize, where);
   };

@@ -89,6 +89,16 @@ export const tensorNames = {
   },
 };
 
+/** The names of the decoder layers' linear weights (what quantized checkpoints store otherwise). */
+export function linearNames(config: ModelConfig): Set<string> {
+  const names = new Set<string>();
+  config.layers.forEach((_, i) => {
+    const n = tensorNames.layer(i);
+    for (const name of [n.q, n.k, n.v, n.o, n.gate, n.up, n.down]) names.add(name);
+  });
+  return names;
+}
+
 /** The shape every tensor the config needs must have, by name. */
 export function expectedShapes(config: ModelConfig): Map<string, number[]> {
   const h = config.hiddenSize;

@@ -23,11 +23,13 @@ export function register(program: Command): void {
       dtypeOption("16-bit weight type (default: the checkpoint's; bfloat16 for float32 ones)").choices(["float16", "bfloat16"]),
     )
     .addOption(
-      new Option("--quant <kind>", "quantize the decoder layers' linear weights")
-        .choices(["none", "int8", "int4"])
-        .default("none"),
+      new Option("--quant <kind>", "quantize the decoder layers' linear weights (default: none; a GPTQ checkpoint: its own int4)").choices([
+        "none",
+        "int8",
+        "int4",
+      ]),
     )
-    .addOption(integerOption("--group-size <n>", "int4: columns per scale (default 128)", { min: 1 }))
+    .addOption(integerOption("--group-size <n>", "int4: columns per scale (default 128; a GPTQ checkpoint's own)", { min: 1 }))
     .action(async (opts: BuildCliOptions) => {
       // cli-progress draws only on a terminal, so piped stderr stays clean.
       const bar = new cliProgress.SingleBar(
