@@ -10,7 +10,7 @@ import { parseModelConfig } from "../src/model/config.js";
 import { createModel } from "../src/model/create.js";
 import { f32ToF16 } from "../src/model/dtype.js";
 import { readEngine } from "../src/model/engine-file.js";
-import { readGptqLinear } from "../src/model/gptq.js";
+import { gptqBase, readGptqLinear } from "../src/model/gptq.js";
 import { loadWeights } from "../src/model/model-dir.js";
 import { quantizeInt4, quantizeLayer } from "../src/model/quantize.js";
 import { type TensorToWrite, writeSafetensors } from "../src/model/safetensors.js";
@@ -34,7 +34,7 @@ async function rejectsOneLine(promise: Promise<unknown>, pattern: RegExp): Promi
  * The tensors AutoGPTQ writes for an int4 matrix (its `pack`: input 8k + j of output r in bits 4j of
  * qweight[k][r]; zero points minus one, eight outputs to a word; scales by group, then output).
  */
-function gptqTensors(base: string, m: Int4Matrix, zeroWord = 0x77777777): TensorToWrite[] {
+function asGptq(base: string, m: Int4Matrix, zeroWord = 0x77777777): TensorToWrite[] {
   const { rows, cols } = m;
   const groups = cols / m.groupSize;
   const qweight = new Int32Array((cols / 8) * rows);
@@ -75,7 +75,7 @@ async function gptqModel(name: string, edit: { config?: (q: Record<string, unkno
         continue;
       }
       const m = quantizeInt4({ format: "dense", rows: shape[0], cols: shape[1], dtype: t.dtype, data: t.data }, GROUP, tensor);
-      const parts = gptqTensors(tensor.replace(/\.weight$/, ""), m, tensor.includes("layers.1.mlp.up") ? edit.zeroWord : undefined);
+      const parts = asGptq(gptqBase(tensor), m, tensor.includes("layers.1.mlp.up") ? edit.zeroWord : undefined);
       if (edit.gIdx && tensor.includes("layers.0.self_attn.o_proj")) {
         const g = parts[3].data as Uint8Array;
         new Int32Array(g.buffer, g.byteOffset, g.byteLength / 4).reverse();

@@ -7,7 +7,7 @@ import type { FloatDType } from "./dtype.js";
 import { exists, readJson } from "./files.js";
 import type { RawTensor, TensorSource } from "./pack.js";
 import { SafetensorsFile, type TensorInfo, floatDType } from "./safetensors.js";
-import { checkGptqShape, gptqTensors } from "./gptq.js";
+import { checkGptqShape, gptqBase, gptqTensors } from "./gptq.js";
 import { expectedShapes, linearNames } from "./weights.js";
 
 /** Hugging Face's names for a model directory's weights: one file, or shards listed by an index. */
@@ -87,7 +87,7 @@ export class Checkpoint implements TensorSource {
   async readInt32(name: string): Promise<Int32Array> {
     const info = this.info(name);
     if (!info) fail("checkpoint", `${this.where}: tensor ${name} is missing`);
-    if (info.dtype !== "I32") fail("checkpoint", `${info.file}: tensor ${name} is ${info.dtype}, not I32`);
+    checkInt32(info);
     const bytes = await this.byName.get(name)!.read(name);
     return new Int32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
   }
@@ -120,11 +120,11 @@ export class Checkpoint implements TensorSource {
  */
 export function checkTensorShapes(checkpoint: Checkpoint, config: ModelConfig): void {
   const linear = linearNames(config);
-  const check = (name: string, want: number[], integer: boolean) => {
+  const check = (name: string, want: number[], int32: boolean) => {
     const info = checkpoint.info(name);
     if (!info) fail("checkpoint", `${checkpoint.where}: tensor ${name} is missing`);
-    if (integer && info.dtype !== "I32") fail("checkpoint", `${info.file}: tensor ${name} is ${info.dtype}, not I32`);
-    if (!integer) floatOf(info); // an integer (quantized) tensor where a float one is needed fails here
+    if (int32) checkInt32(info);
+    else floatOf(info); // an integer (quantized) tensor where a float one is needed fails here
     if (info.shape.length !== want.length || info.shape.some((d, i) => d !== want[i])) {
       fail(
         "checkpoint",
@@ -138,10 +138,14 @@ export function checkTensorShapes(checkpoint: Checkpoint, config: ModelConfig): 
       continue;
     }
     const [rows, cols] = want;
-    const base = name.replace(/\.weight$/, "");
+    const base = gptqBase(name);
     checkGptqShape(base, rows, cols, config.gptq.groupSize);
-    for (const [part, shape] of gptqTensors(base, rows, cols, config.gptq.groupSize)) check(part, shape, !part.endsWith(".scales"));
+    for (const t of gptqTensors(base, rows, cols, config.gptq.groupSize)) check(t.name, t.shape, t.int32);
   }
+}
+
+function checkInt32(info: TensorInfo): void {
+  if (info.dtype !== "I32") fail("checkpoint", `${info.file}: tensor ${info.name} is ${info.dtype}, not I32`);
 }
 
 function floatOf(info: TensorInfo): FloatDType {

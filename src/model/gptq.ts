@@ -13,12 +13,17 @@ import { f32ToF16, toFloat32 } from "./dtype.js";
 import type { TensorSource } from "./pack.js";
 import type { Int4Matrix } from "./weights.js";
 
-/** The tensors a GPTQ linear layer `base` (a weight's name without ".weight") needs, with their shapes. */
-export function gptqTensors(base: string, rows: number, cols: number, groupSize: number): [string, number[]][] {
+/** The prefix of a linear weight's GPTQ tensors: its name ("...q_proj.weight") without ".weight". */
+export function gptqBase(name: string): string {
+  return name.replace(/\.weight$/, "");
+}
+
+/** The tensors a GPTQ linear layer `base` needs: their shapes, and which are I32 (the others a float type). */
+export function gptqTensors(base: string, rows: number, cols: number, groupSize: number): { name: string; shape: number[]; int32: boolean }[] {
   return [
-    [`${base}.qweight`, [cols / 8, rows]],
-    [`${base}.qzeros`, [cols / groupSize, rows / 8]],
-    [`${base}.scales`, [cols / groupSize, rows]],
+    { name: `${base}.qweight`, shape: [cols / 8, rows], int32: true },
+    { name: `${base}.qzeros`, shape: [cols / groupSize, rows / 8], int32: true },
+    { name: `${base}.scales`, shape: [cols / groupSize, rows], int32: false },
   ];
 }
 
@@ -31,7 +36,7 @@ export function checkGptqShape(base: string, rows: number, cols: number, groupSi
 
 /** Weight `name` ("...q_proj.weight") of `rows` x `cols` from its GPTQ tensors, as decima's int4. */
 export async function readGptqLinear(source: Required<TensorSource>, name: string, rows: number, cols: number, groupSize: number): Promise<Int4Matrix> {
-  const base = name.replace(/\.weight$/, "");
+  const base = gptqBase(name);
   checkGptqShape(base, rows, cols, groupSize);
   const groups = cols / groupSize;
   const zeros = await source.readInt32(`${base}.qzeros`);
