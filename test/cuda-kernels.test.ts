@@ -232,29 +232,30 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
   }
 
   test("sampling: greedy, temperature with top-k / top-p / min-p, penalties, log-probs, seeded", () => {
-    const vocab = 49152, seqs = 8, topN = 5;
+    const vocab = 49152, seqs = 12, topN = 5;
     const logits = randomF32(rng, seqs * vocab, 3);
     const history = [3, 3, 17, 99, 3, 42, 17];
+    // Rows 8 to 11: the thresholds' edges (top-k of 1 and of all but one, top-p near 1, top-k then top-p).
     const s: SamplingBatch = {
-      temperature: Float32Array.from([0, 0, 0.8, 1, 1.2, 0.7, 1, 1]),
-      topK: Int32Array.from([0, 0, 0, 50, 0, 0, 20, 0]),
-      topP: Float32Array.from([1, 1, 1, 1, 0.9, 1, 0.5, 1]),
-      minP: Float32Array.from([0, 0, 0, 0, 0, 0.05, 0, 0]),
-      repetitionPenalty: Float32Array.from([1, 1.3, 1, 1, 1, 1, 1, 1.1]),
-      frequencyPenalty: Float32Array.from([0, 0.5, 0, 0, 0, 0, 0, 0.2]),
-      presencePenalty: Float32Array.from([0, 0.4, 0, 0, 0, 0, 0, 0.3]),
+      temperature: Float32Array.from([0, 0, 0.8, 1, 1.2, 0.7, 1, 1, 0.8, 1, 0.5, 0.8]),
+      topK: Int32Array.from([0, 0, 0, 50, 0, 0, 20, 0, 1, vocab - 1, 0, 40]),
+      topP: Float32Array.from([1, 1, 1, 1, 0.9, 1, 0.5, 1, 1, 1, 0.999, 0.95]),
+      minP: Float32Array.from([0, 0, 0, 0, 0, 0.05, 0, 0, 0, 0, 0, 0]),
+      repetitionPenalty: Float32Array.from([1, 1.3, 1, 1, 1, 1, 1, 1.1, 1, 1, 1, 1]),
+      frequencyPenalty: Float32Array.from([0, 0.5, 0, 0, 0, 0, 0, 0.2, 0, 0, 0, 0]),
+      presencePenalty: Float32Array.from([0, 0.4, 0, 0, 0, 0, 0, 0.3, 0, 0, 0, 0]),
       seed: Uint32Array.from({ length: seqs }, () => rng.nextU32()),
       counter: Uint32Array.from({ length: seqs }, (_, i) => i * 7),
       history: Int32Array.from([...history, ...history]),
-      historyStarts: Int32Array.from([0, 0, 7, 7, 7, 7, 7, 7, 14]),
-      promptLens: Int32Array.from([0, 3, 0, 0, 0, 0, 0, 2]),
+      historyStarts: Int32Array.from([0, 0, 7, 7, 7, 7, 7, 7, 14, 14, 14, 14, 14]),
+      promptLens: Int32Array.from([0, 3, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]),
       topLogprobs: topN,
     };
     // Boost a penalised token to the top of row 1 so the penalty decides the greedy pick.
     logits[1 * vocab + 3] = 50;
     logits[1 * vocab + 17] = 49.9;
     const pen = penaltyEntries(s, seqs);
-    const sample = Uint8Array.from([1, 1, 1, 1, 1, 1, 1, 1]);
+    const sample = new Uint8Array(seqs).fill(1);
     const out = addon().testKernel(
       "sample",
       {

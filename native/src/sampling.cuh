@@ -1,8 +1,8 @@
 // Sampling on the GPU, following the CPU reference (src/engine/cpu/sampler.ts) rule for rule: log-probs from
 // the raw logits, penalties, then greedy or temperature sampling with top-k / top-p / min-p expressed as
-// probability thresholds (found by bisection on the float bits, so nothing is sorted), and one counter-based
+// probability thresholds (found by radix select on the float bits, so nothing is sorted), and one counter-based
 // uniform draw per token. One block per sequence. Bytes: the logits row a few times over (from L2);
-// negligible next to the weights except for the many bisection passes of non-greedy rows.
+// negligible next to the weights; a top-k or top-p row reads it three more times per threshold.
 #pragma once
 #include "common.cuh"
 
