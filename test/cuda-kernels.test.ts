@@ -49,6 +49,10 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
         { rows: 2560, cols: 2048, batch: 1 },
         { rows: 2048, cols: 5888, batch: 2 },
         { rows: 1000, cols: 2048, batch: 2 },
+        // int4 in groups of 32 (columns not a multiple of 128): the CUDA-core kernel; groups of 128 above
+        // go to the tensor cores.
+        { rows: 96, cols: 352, batch: 1 },
+        { rows: 80, cols: 352, batch: 2 },
       ];
       for (const { rows, cols, batch } of cases) {
         for (const norm of [0, 1]) {

@@ -8,7 +8,8 @@
 // deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The
 // grid is persistent: a block builds its activations once in shared memory (the prologue: a plain copy, or
 // the RMSNorm of the fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
-// (the formats of src/model/weights.ts). Larger batches go to cuBLASLt (faster there, measured with
+// (the formats of src/model/weights.ts); int4 in groups of 128 columns or more goes to a tensor-core
+// kernel instead (gemv_mma_kernel, below). Larger batches go to cuBLASLt (faster there, measured with
 // bench/gemv-kernels.ts and `decima bench`).
 #pragma once
 #include "common.cuh"
@@ -23,10 +24,35 @@ constexpr int kGemvPad = 32;  // shared-memory row padding (elements)
 
 __device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
 
-// ---- prologues: fill xs[b][k] (rows of `stride` elements; rows at or past `batch` are zero) -------------
+// ---- prologues: fill xs[b][L::at(k)] (rows of `stride` elements; rows at or past `batch` are zero) -------
 // Both issue all their loads at once (latency, not bandwidth, is what a prologue costs): the plain copy with
 // asynchronous 16-byte copies straight into shared memory, the RMSNorm with a warp per row. The caller
-// synchronises the block afterwards.
+// synchronises the block afterwards. L is where a column sits in its row: in order for the CUDA-core
+// kernel, permuted for the tensor-core one (MmaLayout, below).
+
+struct PlainLayout {
+  static constexpr bool kInOrder = true;
+  static constexpr int kPad = kGemvPad;
+  __device__ static int at(int k) { return k; }
+};
+
+// The tensor-core kernel's B fragments (gemv_mma_kernel): each 8-column chunk stored as columns
+// 0 4 1 5 2 6 3 7, so that a fragment's columns (s, s + 4, s + 1, s + 5) are one 8-byte read; the four
+// chunks a lane reads in turn have bit 1 of their index flipped in the lanes of t = 2, 3 (c ^ (c >> 2 & 2)),
+// so that the four lanes of a row (t = 0..3, 64 bytes apart) read four different bank groups; and rows are
+// one 16-byte chunk longer, so that two batch rows' reads meet in no bank either.
+struct MmaLayout {
+  static constexpr bool kInOrder = false;
+  static constexpr int kPad = 8;
+  __device__ static int at(int k) {
+    const int c = k >> 3, j = k & 7;
+    return ((c ^ ((c >> 2) & 2)) << 3) | ((j & 3) << 1) | (j >> 2);
+  }
+  // One aligned chunk (columns 8c .. 8c + 7, stored at at(8c)) into that order.
+  __device__ static uint4 permute8(const uint4& v) {
+    return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+  }
+};
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -37,15 +63,21 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <typename T> struct ProPlain {
   const T* x;  // [batch][ld]
   int ld;
-  __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
+  template <class L> __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
     const int vecs = stride / 8;
     for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
       const int b = i / vecs, c = i % vecs;
-      T* dst = xs + (size_t)b * stride + c * 8;
-      if (b < batch && c * 8 < cols) cp_async16(dst, x + (size_t)b * ld + c * 8);
-      else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      const bool in = b < batch && c * 8 < cols;
+      if constexpr (L::kInOrder) {
+        T* dst = xs + (size_t)b * stride + c * 8;
+        if (in) cp_async16(dst, x + (size_t)b * ld + c * 8);
+        else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      } else {  // through registers, to permute
+        const uint4 v = in ? *reinterpret_cast<const uint4*>(x + (size_t)b * ld + c * 8) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(xs + (size_t)b * stride + L::at(c * 8)) = L::permute8(v);
+      }
     }
-    cp_async_wait_all();
+    if constexpr (L::kInOrder) cp_async_wait_all();
   }
 };
 
@@ -56,7 +88,7 @@ template <typename T> struct ProRmsNorm {
   int ld;
   const T* gain;
   float eps;
-  __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
+  template <class L> __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
     __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMaxBatch];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = min(rows, batch);
@@ -74,7 +106,7 @@ template <typename T> struct ProRmsNorm {
     for (int b = 0; b < rows; b++) {
       T* dst = xs + (size_t)b * stride;
       if (b >= n) {
-        for (int k = threadIdx.x; k < stride; k += blockDim.x) dst[k] = from_float<T>(0.f);
+        for (int k = threadIdx.x; k < stride; k += blockDim.x) dst[L::at(k)] = from_float<T>(0.f);
         continue;
       }
       float ss = 0.f;
@@ -85,13 +117,13 @@ template <typename T> struct ProRmsNorm {
       for (int k = threadIdx.x * 4; k < stride; k += blockDim.x * 4) {
         if (k >= cols) {
 #pragma unroll
-          for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(0.f);
+          for (int e = 0; e < 4; e++) dst[L::at(k + e)] = from_float<T>(0.f);
           continue;
         }
         const float4 v = *reinterpret_cast<const float4*>(r + k);
         const float f[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int e = 0; e < 4; e++) dst[k + e] = from_float<T>(f[e] * rstd * to_float(gain[k + e]));
+        for (int e = 0; e < 4; e++) dst[L::at(k + e)] = from_float<T>(f[e] * rstd * to_float(gain[k + e]));
       }
     }
   }
@@ -396,7 +428,7 @@ __device__ __forceinline__ void named_barrier(int id, int threads) { asm volatil
 template <typename T, int B, int P, int S, class W, class Pro, class Epi>
 __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int stride = cols + kGemvPad;
+  const int stride = cols + PlainLayout::kPad;
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = (threadIdx.x >> 5) % kGemvWarps, split = threadIdx.x / kGemvThreads, lane = threadIdx.x & 31;
   const int chunk = ceil_div(cols / W::kPerVec, S);                      // 16-byte vectors per row and split
@@ -423,7 +455,7 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
   for (int u = 0; u < P; u++) load(u, w_lo[u], w_hi[u]);
   pdl_launch_dependents();
   pdl_wait();
-  pro.load(xs, B, stride, batch, cols);
+  pro.template load<PlainLayout>(xs, B, stride, batch, cols);
   __syncthreads();
 
   float acc_lo[B], acc_hi[B];
@@ -469,6 +501,139 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
   }
 }
 
+// ---- int4 on the tensor cores --------------------------------------------------------------------------
+// The CUDA-core kernel above is bound by instruction issue on int4 (Nsight Compute, 1B gate/up at one row:
+// 62% of issue slots busy with the memory 22% busy, about 6.7M warp instructions), and a second batch row
+// doubles its arithmetic. Here mma.sync m16n8k16 (fp32 accumulators) does the multiply-adds: A is 16
+// weight rows x 16 columns, B the same 16 columns of up to 8 batch rows (lane g supplies batch row g; rows
+// past the batch repeat the last one, and their sums are dropped), so two rows cost what one does. Lane
+// (g = lane / 4, t = lane % 4) streams the 16-byte vectors (32 columns) of the tile's rows g and g + 8
+// (TileRows lo + g and hi + g) at columns 128u + 32t: a warp reads 16 rows x 128 columns per step, one
+// group of scales. The exponent trick of s4x8_to_float puts nibbles s and s + 4 of a 32-bit word (columns
+// s and s + 4) in the two halves of an A register, k slots 2t and 2t + 1; nibbles s + 1 and s + 5 fill k
+// slots 2t + 8 and 2t + 9; MmaLayout stores x in that order. The first version of this kernel ran 4.3M
+// warp instructions for that gate/up. Measured against the CUDA-core kernel (BENCHMARKS.md): two rows
+// 0.94 to 0.77 ms per int4 step, one row unchanged within the runs' spread.
+template <typename T> struct MmaTraits;
+template <> struct MmaTraits<half> {
+  static constexpr uint32_t kOne = 0x64006400u, kBias = 0x64086408u;  // 1024, 1032
+  static __device__ uint32_t sub(uint32_t a, uint32_t b) {
+    const half2 r = __hsub2(*reinterpret_cast<const half2*>(&a), *reinterpret_cast<const half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  static __device__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaTraits<__nv_bfloat16> {
+  static constexpr uint32_t kOne = 0x43004300u, kBias = 0x43084308u;  // 128, 136: bfloat16's 7 mantissa bits hold a nibble
+  static __device__ uint32_t sub(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  static __device__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+// Nibbles s and s + 4 of w (stored as q + 8) as the two q of a T pair, exactly.
+template <typename T> __device__ __forceinline__ uint32_t s4x2(uint32_t w, int s) {
+  return MmaTraits<T>::sub(((w >> (4 * s)) & 0x000F000Fu) | MmaTraits<T>::kOne, MmaTraits<T>::kBias);
+}
+
+// W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
+// products, so that an SM has more loads in flight than one block of 8 warps), and add their sums in a
+// fixed order. A step's eight mma form two chains of four, not one of eight, to wait less on each result.
+template <typename T, int B, int P, int W, class Pro, class Epi>
+__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float4 sums[W][8];  // a warp's tile sums: rows g and g + 8, batch rows 0 and 1
+  const int stride = cols + MmaLayout::kPad;
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int steps = cols / 128, per_tile = ceil_div(steps, W);  // a warp's steps per tile
+  const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
+  // Loads run P items ahead of use; an item is the warp's k-th step (warp + k x W) of its block's n-th tile
+  // (blockIdx.x + n x gridDim.x), both walked by counters.
+  struct Item {
+    uint4 lo, hi;
+    float s_lo, s_hi;
+  };
+  int load_n = 0, load_k = 0;
+  TileRows load_rows = epi.tile(blockIdx.x);
+  auto load = [&](Item& it) {
+    it = Item{};
+    if (load_n >= my_tiles) return;
+    const int step = warp + load_k * W;
+    if (step < steps) {
+      const int v = step * 4 + t, group = v >> w.group_shift;  // the lane's 16-byte vector in the row
+      const int lo = load_rows.lo + g, hi = load_rows.hi + g;
+      if (lo < rows) it.lo = load_stream(w.q + (size_t)lo * (cols / 2) + v * 16), it.s_lo = __half2float(w.scales[(size_t)lo * w.groups + group]);
+      if (hi < rows) it.hi = load_stream(w.q + (size_t)hi * (cols / 2) + v * 16), it.s_hi = __half2float(w.scales[(size_t)hi * w.groups + group]);
+    }
+    if (++load_k == per_tile) load_k = 0, load_rows = epi.tile(blockIdx.x + ++load_n * gridDim.x);
+  };
+
+  Item buf[P];
+#pragma unroll
+  for (int u = 0; u < P; u++) load(buf[u]);
+  pdl_launch_dependents();
+  pdl_wait();
+  pro.template load<MmaLayout>(xs, B, stride, batch, cols);
+  __syncthreads();
+
+  // The lane's x: batch row g (or the last), its 32-column block t, chunks in the swizzled order.
+  const T* xrow = xs + (size_t)min(g, B - 1) * stride + t * 32;
+  const int flip = t & 2;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int items = my_tiles * per_tile;
+  int n = 0, k = 0;  // the item in use: tile n, step slot k
+  for (int j0 = 0; j0 < items; j0 += P) {
+#pragma unroll
+    for (int u = 0; u < P; u++) {
+      if (j0 + u >= items) break;
+      const int step = warp + k * W;
+      if (step < steps) {
+        const Item& it = buf[u];
+        const T* xc = xrow + step * 128;
+        const uint32_t lo[4] = {it.lo.x, it.lo.y, it.lo.z, it.lo.w}, hi[4] = {it.hi.x, it.hi.y, it.hi.z, it.hi.w};
+        float c[2][4] = {};
+#pragma unroll
+        for (int h = 0; h < 4; h++) {
+          const uint4 x = *reinterpret_cast<const uint4*>(xc + ((h ^ flip) << 3));
+          MmaTraits<T>::mma(c[h & 1], s4x2<T>(lo[h], 0), s4x2<T>(hi[h], 0), s4x2<T>(lo[h], 1), s4x2<T>(hi[h], 1), x.x, x.y);
+          MmaTraits<T>::mma(c[h & 1], s4x2<T>(lo[h], 2), s4x2<T>(hi[h], 2), s4x2<T>(lo[h], 3), s4x2<T>(hi[h], 3), x.z, x.w);
+        }
+        acc[0] = fmaf(c[0][0] + c[1][0], it.s_lo, acc[0]);
+        acc[1] = fmaf(c[0][1] + c[1][1], it.s_lo, acc[1]);
+        acc[2] = fmaf(c[0][2] + c[1][2], it.s_hi, acc[2]);
+        acc[3] = fmaf(c[0][3] + c[1][3], it.s_hi, acc[3]);
+      }
+      load(buf[u]);
+      if (++k == per_tile) {  // the tile's steps are done: add the warps' sums
+        if (t == 0) sums[warp][g] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        __syncthreads();
+        if (warp == 0 && t < batch) {  // lane (g, t): rows lo + g and hi + g of batch row t
+          float s_lo = 0.f, s_hi = 0.f;
+#pragma unroll
+          for (int m = 0; m < W; m++) {
+            const float4 v = sums[m][g];
+            s_lo += t ? v.y : v.x;
+            s_hi += t ? v.w : v.z;
+          }
+          epi.store(epi.tile(blockIdx.x + n * gridDim.x), g, t, s_lo, s_hi);
+        }
+        __syncthreads();
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+        k = 0;
+        n++;
+      }
+    }
+  }
+}
+
 inline int sm_count() {
   static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   return sms;
@@ -482,21 +647,40 @@ template <typename K> int resident_blocks(K kernel, int threads, size_t smem) {
   return std::max(1, per_sm) * sm_count();
 }
 
+// Launches the persistent grid of `kernel` (blocks of `threads`, `smem` bytes of x): the caller keeps
+// `configured`, per instantiation, to raise the dynamic shared-memory limit once.
+template <class... Params, class... Args>
+void launch_gemv_grid(const Launch& l, void (*kernel)(Params...), size_t& configured, int threads, size_t smem, int tiles, const Args&... args) {
+  if (smem > configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    configured = smem;
+  }
+  const int grid = std::min(tiles, resident_blocks(kernel, threads, smem));
+  launch(l, kernel, dim3(grid), dim3(threads), smem, args...);
+}
+
 template <typename T, int B, int S, class W, class Pro, class Epi>
 void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   // Loads in flight per lane. A quantized row is 2-4x shorter than a 16-bit one, so a block holds fewer
   // vectors ahead anyway; a shallower pipeline frees registers for a third block per SM (int4, 1B
   // gate/up: 124 to 80 registers; step 0.785 to 0.72 ms, int8 0.89 to 0.84 ms).
   constexpr int P = W::kPerVec >= 16 ? 4 : 8;
-  auto kernel = gemv_kernel<T, B, P, S, W, Pro, Epi>;
-  const size_t smem = (size_t)B * (cols + kGemvPad) * sizeof(T);
-  static size_t configured = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once
-  if (smem > configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    configured = smem;
-  }
-  const int grid = std::min(tiles, resident_blocks(kernel, kGemvThreads * S, smem));
-  launch(l, kernel, dim3(grid), dim3(kGemvThreads * S), smem, w, rows, cols, batch, tiles, pro, epi);
+  static size_t configured = 48 * 1024;
+  const size_t smem = (size_t)B * (cols + PlainLayout::kPad) * sizeof(T);
+  launch_gemv_grid(l, gemv_kernel<T, B, P, S, W, Pro, Epi>, configured, kGemvThreads * S, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
+}
+
+template <typename T, int B, int W, class Pro, class Epi>
+void gemv_mma_launch(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+  static size_t configured = 48 * 1024;
+  const size_t smem = (size_t)B * (cols + MmaLayout::kPad) * sizeof(T);
+  launch_gemv_grid(l, gemv_mma_kernel<T, B, 4, W, Pro, Epi>, configured, W * 32, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
+}
+
+template <typename T, int B, class Pro, class Epi>
+void gemv_mma(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+  if (tiles <= sm_count()) gemv_mma_launch<T, B, 2 * kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
+  else gemv_mma_launch<T, B, kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
 // A product with no more tiles than SMs (the 1B shape's O and down: 128 tiles of 16 rows) would give each
@@ -512,8 +696,16 @@ void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int 
 }
 
 // `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
+// int4 in groups of 128 columns or more goes to the tensor cores (a step of a warp is one group).
 template <typename T, class W, class Pro, class Epi>
 void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+  if constexpr (std::is_same_v<W, Int4W<T>>) {
+    if (w.group_shift >= 2 && batch <= 2) {
+      if (batch == 1) gemv_mma<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
+      else gemv_mma<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
+      return;
+    }
+  }
   if (batch == 1) gemv_split<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
   else if (batch == 2) gemv_split<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
   else throw CudaError("gemv: batch " + std::to_string(batch) + " (the GEMV kernels take 1 or 2 rows)");
