@@ -114,21 +114,27 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
       opened.push(cpu, cuda);
       const vocab = config.vocabSize;
       const prompt = promptOf(60, 9);
-      // Prefill (cuBLASLt on dequantized weights), then two decode steps (the quantized GEMV).
+      // Prefill (cuBLASLt on dequantized weights), then a decode step of one sequence and one of six (the
+      // quantized GEMVs; int4 takes up to 8 rows).
+      const others = Array.from({ length: 6 }, (_, i) => ({ prompt: promptOf(20 + 7 * i, 20 + i), blocks: blocks(4, 4 + 4 * i) }));
       const runs = [];
       for (const backend of [cpu, cuda]) {
         const prefill = await backend.step(batchOf([{ tokens: prompt, blocks: blocks(4), sample: false }], "all"));
         const decode = await backend.step(batchOf([{ tokens: [prompt[3]], past: 60, blocks: blocks(4) }], "last"));
-        runs.push({ prefill, decode });
+        await backend.step(batchOf(others.map((o) => ({ tokens: o.prompt, blocks: o.blocks, sample: false }))));
+        const decode6 = await backend.step(batchOf(others.map((o) => ({ tokens: [o.prompt[1]], past: o.prompt.length, blocks: o.blocks })), "last"));
+        runs.push({ prefill, decode, decode6 });
       }
       const [a, g] = runs;
       let worst = 0;
       for (let t = 0; t < prompt.length; t++) {
         worst = Math.max(worst, relErr(g.prefill.logits!.subarray(t * vocab, (t + 1) * vocab), a.prefill.logits!.subarray(t * vocab, (t + 1) * vocab)));
       }
-      console.log(`# decilm-tiny ${kind}: worst relative L2 error ${worst.toExponential(2)} (prefill), ${relErr(g.decode.logits!, a.decode.logits!).toExponential(2)} (decode)`);
+      const six = relErr(g.decode6.logits!, a.decode6.logits!);
+      console.log(`# decilm-tiny ${kind}: worst relative L2 error ${worst.toExponential(2)} (prefill), ${relErr(g.decode.logits!, a.decode.logits!).toExponential(2)} (decode), ${six.toExponential(2)} (six sequences)`);
       assert.ok(worst < 1e-2, `prefill: ${worst}`);
       assert.ok(relErr(g.decode.logits!, a.decode.logits!) < 1e-2, "decode");
+      assert.ok(six < 1e-2, `six sequences: ${six}`);
     });
   }
 

@@ -1,4 +1,4 @@
-// Decode-time matrix products for one or two activation rows: y[b][r] = sum_k W[r][k] x[b][k].
+// Decode-time matrix products for a few activation rows: y[b][r] = sum_k W[r][k] x[b][k].
 //
 // Bytes: every weight once (rows x cols x its storage size: 2 for fp16/bf16, 1 for int8, 1/2 for int4,
 // plus scales); FLOPs: 2 x rows x cols x batch. Far under any compute limit: what counts is keeping
@@ -19,7 +19,8 @@ namespace decima {
 constexpr int kGemvWarps = 8;  // per column split
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kGemvMaxSplits = 2;
-constexpr int kGemvMaxBatch = 2;
+constexpr int kGemvMaxBatch = 2;     // rows of the CUDA-core kernel
+constexpr int kGemvMmaMaxBatch = 8;  // rows of the tensor-core kernel: the n of an mma
 constexpr int kGemvPad = 32;  // shared-memory row padding (elements)
 
 __device__ __forceinline__ uint4 load_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
@@ -89,7 +90,7 @@ template <typename T> struct ProRmsNorm {
   const T* gain;
   float eps;
   template <class L> __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
-    __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMaxBatch];
+    __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMmaMaxBatch];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = min(rows, batch);
     for (int b = 0; b < n; b++) {
@@ -546,10 +547,10 @@ template <typename T> __device__ __forceinline__ uint32_t s4x2(uint32_t w, int s
 // W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
 // products, so that an SM has more loads in flight than one block of 8 warps), and add their sums in a
 // fixed order. A step's eight mma form two chains of four, not one of eight, to wait less on each result.
-template <typename T, int B, int P, int W, class Pro, class Epi>
+template <typename T, int P, int W, class Pro, class Epi>
 __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float4 sums[W][8];  // a warp's tile sums: rows g and g + 8, batch rows 0 and 1
+  __shared__ float4 sums[W][32];  // a warp's tile sums: lane (g, t) rows g and g + 8 of batch rows 2t, 2t + 1
   const int stride = cols + MmaLayout::kPad;
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -581,11 +582,11 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
   for (int u = 0; u < P; u++) load(buf[u]);
   pdl_launch_dependents();
   pdl_wait();
-  pro.template load<MmaLayout>(xs, B, stride, batch, cols);
+  pro.template load<MmaLayout>(xs, batch, stride, batch, cols);
   __syncthreads();
 
   // The lane's x: batch row g (or the last), its 32-column block t, chunks in the swizzled order.
-  const T* xrow = xs + (size_t)min(g, B - 1) * stride + t * 32;
+  const T* xrow = xs + (size_t)min(g, batch - 1) * stride + t * 32;
   const int flip = t & 2;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int items = my_tiles * per_tile;
@@ -613,17 +614,18 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
       }
       load(buf[u]);
       if (++k == per_tile) {  // the tile's steps are done: add the warps' sums
-        if (t == 0) sums[warp][g] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        if (2 * t < batch) sums[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
         __syncthreads();
-        if (warp == 0 && t < batch) {  // lane (g, t): rows lo + g and hi + g of batch row t
-          float s_lo = 0.f, s_hi = 0.f;
+        if (warp == 0 && 2 * t < batch) {  // lane (g, t): rows lo + g and hi + g of batch rows 2t and 2t + 1
+          float4 v = sums[0][lane];
 #pragma unroll
-          for (int m = 0; m < W; m++) {
-            const float4 v = sums[m][g];
-            s_lo += t ? v.y : v.x;
-            s_hi += t ? v.w : v.z;
+          for (int m = 1; m < W; m++) {
+            const float4 o = sums[m][lane];
+            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
           }
-          epi.store(epi.tile(blockIdx.x + n * gridDim.x), g, t, s_lo, s_hi);
+          const TileRows tr = epi.tile(blockIdx.x + n * gridDim.x);
+          epi.store(tr, g, 2 * t, v.x, v.z);
+          if (2 * t + 1 < batch) epi.store(tr, g, 2 * t + 1, v.y, v.w);
         }
         __syncthreads();
         acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
@@ -648,7 +650,9 @@ template <typename K> int resident_blocks(K kernel, int threads, size_t smem) {
 }
 
 // Launches the persistent grid of `kernel` (blocks of `threads`, `smem` bytes of x): the caller keeps
-// `configured`, per instantiation, to raise the dynamic shared-memory limit once.
+// `configured`, per instantiation, to raise the dynamic shared-memory limit once. It starts at 0, not 48
+// KB: without the attribute, a kernel's dynamic shared memory may only fill 48 KB less its static shared
+// memory (the tensor-core kernel's 8 KB at 16 warps leaves four rows of 5,888 columns, 47 KB, over it).
 template <class... Params, class... Args>
 void launch_gemv_grid(const Launch& l, void (*kernel)(Params...), size_t& configured, int threads, size_t smem, int tiles, const Args&... args) {
   if (smem > configured) {
@@ -665,22 +669,22 @@ void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int
   // vectors ahead anyway; a shallower pipeline frees registers for a third block per SM (int4, 1B
   // gate/up: 124 to 80 registers; step 0.785 to 0.72 ms, int8 0.89 to 0.84 ms).
   constexpr int P = W::kPerVec >= 16 ? 4 : 8;
-  static size_t configured = 48 * 1024;
+  static size_t configured = 0;
   const size_t smem = (size_t)B * (cols + PlainLayout::kPad) * sizeof(T);
   launch_gemv_grid(l, gemv_kernel<T, B, P, S, W, Pro, Epi>, configured, kGemvThreads * S, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
 }
 
-template <typename T, int B, int W, class Pro, class Epi>
+template <typename T, int W, class Pro, class Epi>
 void gemv_mma_launch(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  static size_t configured = 48 * 1024;
-  const size_t smem = (size_t)B * (cols + MmaLayout::kPad) * sizeof(T);
-  launch_gemv_grid(l, gemv_mma_kernel<T, B, 4, W, Pro, Epi>, configured, W * 32, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
+  static size_t configured = 0;
+  const size_t smem = (size_t)batch * (cols + MmaLayout::kPad) * sizeof(T);
+  launch_gemv_grid(l, gemv_mma_kernel<T, 4, W, Pro, Epi>, configured, W * 32, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
 }
 
-template <typename T, int B, class Pro, class Epi>
+template <typename T, class Pro, class Epi>
 void gemv_mma(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  if (tiles <= sm_count()) gemv_mma_launch<T, B, 2 * kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
-  else gemv_mma_launch<T, B, kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
+  if (tiles <= sm_count()) gemv_mma_launch<T, 2 * kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
+  else gemv_mma_launch<T, kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
 // A product with no more tiles than SMs (the 1B shape's O and down: 128 tiles of 16 rows) would give each
@@ -696,15 +700,14 @@ void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int 
 }
 
 // `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
-// int4 in groups of 128 columns or more goes to the tensor cores (a step of a warp is one group).
+// int4 in groups of 128 columns or more goes to the tensor cores (a step of a warp is one group), up to 8
+// rows; everything else takes 1 or 2.
+inline int gemv_max_batch(int quant, int group) { return quant == 2 && group >= 128 ? kGemvMmaMaxBatch : kGemvMaxBatch; }
+
 template <typename T, class W, class Pro, class Epi>
 void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   if constexpr (std::is_same_v<W, Int4W<T>>) {
-    if (w.group_shift >= 2 && batch <= 2) {
-      if (batch == 1) gemv_mma<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
-      else gemv_mma<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);
-      return;
-    }
+    if (w.group_shift >= 2 && batch <= kGemvMmaMaxBatch) return gemv_mma<T>(l, w, rows, cols, batch, tiles, pro, epi);
   }
   if (batch == 1) gemv_split<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
   else if (batch == 2) gemv_split<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);

@@ -501,7 +501,7 @@ template <typename T, int HD> class Runner final : public Model {
   void forward(const Shape& sh, int top_n, float* logits_to_host = nullptr) {
     const Launch l = launch_config();
     const int n = sh.tokens, h = d_.hidden;
-    const bool small = n <= kGemvMaxBatch;
+    const bool small = n <= gemv_max_batch(static_cast<int>(d_.quant), d_.group);
     const DType dt = d_.dtype;
     prof_.begin(stream_);
     launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
@@ -586,14 +586,15 @@ template <typename T, int HD> class Runner final : public Model {
     epi.rows = d_.vocab;
     epi.out = logits_;
     epi.ld = d_.vocab;
-    if (sh.tokens == s && s <= kGemvMaxBatch) {
+    const int gemv_rows = gemv_max_batch(static_cast<int>(lm_head_.quant), d_.group);
+    if (sh.tokens == s && s <= gemv_rows) {
       with_linear(lm_head_, h, [&](const auto& head) {
         gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
       });
       return;
     }
     launch(l, rmsnorm_kernel<T>, dim3(s), dim3(256), 0, (const float*)resid_, (const int*)dev_in_.last_rows, (const T*)norm_, xnorm_, h, d_.eps);
-    if (s <= kGemvMaxBatch) {
+    if (s <= gemv_rows) {
       with_linear(lm_head_, h, [&](const auto& head) { gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProPlain<T>{xnorm_, h}, epi); });
     } else {
       head_gemm(l, xnorm_, s, logits_);
