@@ -513,35 +513,39 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
 // group of scales. The exponent trick of s4x8_to_float puts nibbles s and s + 4 of a 32-bit word (columns
 // s and s + 4) in the two halves of an A register, k slots 2t and 2t + 1; nibbles s + 1 and s + 5 fill k
 // slots 2t + 8 and 2t + 9; MmaLayout stores x in that order. The first version of this kernel ran 4.3M
-// warp instructions for that gate/up. Measured against the CUDA-core kernel (BENCHMARKS.md): two rows
-// 0.94 to 0.77 ms per int4 step, one row unchanged within the runs' spread.
-template <typename T> struct MmaTraits;
-template <> struct MmaTraits<half> {
+// warp instructions for that gate/up. Measured int4 steps (BENCHMARKS.md): one row unchanged within the
+// runs' spread, two 0.94 to 0.77 ms; four and eight 3.0 to 1.2 and 1.5 ms (cuBLASLt on weights dequantized
+// every step before).
+
+// A T pair holding 1024 (half) or 128 (bfloat16), the powers of two whose last mantissa bit weighs 1, in
+// both halves, and that plus 8: OR-ing a nibble into the first and subtracting the second leaves its q.
+template <typename T> struct Nibble;
+template <> struct Nibble<half> {
+  using Pair = half2;
   static constexpr uint32_t kOne = 0x64006400u, kBias = 0x64086408u;  // 1024, 1032
-  static __device__ uint32_t sub(uint32_t a, uint32_t b) {
-    const half2 r = __hsub2(*reinterpret_cast<const half2*>(&a), *reinterpret_cast<const half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  static __device__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
 };
-template <> struct MmaTraits<__nv_bfloat16> {
-  static constexpr uint32_t kOne = 0x43004300u, kBias = 0x43084308u;  // 128, 136: bfloat16's 7 mantissa bits hold a nibble
-  static __device__ uint32_t sub(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  static __device__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
+template <> struct Nibble<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static constexpr uint32_t kOne = 0x43004300u, kBias = 0x43084308u;  // 128, 136: 7 mantissa bits hold a nibble
 };
 
-// Nibbles s and s + 4 of w (stored as q + 8) as the two q of a T pair, exactly.
+// Nibbles s and s + 4 of w (stored as q + 8) as the two q of a T pair.
 template <typename T> __device__ __forceinline__ uint32_t s4x2(uint32_t w, int s) {
-  return MmaTraits<T>::sub(((w >> (4 * s)) & 0x000F000Fu) | MmaTraits<T>::kOne, MmaTraits<T>::kBias);
+  using P = typename Nibble<T>::Pair;
+  const uint32_t biased = ((w >> (4 * s)) & 0x000F000Fu) | Nibble<T>::kOne, bias = Nibble<T>::kBias;
+  const P q = __hsub2(*reinterpret_cast<const P*>(&biased), *reinterpret_cast<const P*>(&bias));
+  return *reinterpret_cast<const uint32_t*>(&q);
+}
+
+// c += A B for one m16n8k16 tile of T operands, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, half>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
@@ -604,8 +608,8 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
 #pragma unroll
         for (int h = 0; h < 4; h++) {
           const uint4 x = *reinterpret_cast<const uint4*>(xc + ((h ^ flip) << 3));
-          MmaTraits<T>::mma(c[h & 1], s4x2<T>(lo[h], 0), s4x2<T>(hi[h], 0), s4x2<T>(lo[h], 1), s4x2<T>(hi[h], 1), x.x, x.y);
-          MmaTraits<T>::mma(c[h & 1], s4x2<T>(lo[h], 2), s4x2<T>(hi[h], 2), s4x2<T>(lo[h], 3), s4x2<T>(hi[h], 3), x.z, x.w);
+          mma16816<T>(c[h & 1], s4x2<T>(lo[h], 0), s4x2<T>(hi[h], 0), s4x2<T>(lo[h], 1), s4x2<T>(hi[h], 1), x.x, x.y);
+          mma16816<T>(c[h & 1], s4x2<T>(lo[h], 2), s4x2<T>(hi[h], 2), s4x2<T>(lo[h], 3), s4x2<T>(hi[h], 3), x.z, x.w);
         }
         acc[0] = fmaf(c[0][0] + c[1][0], it.s_lo, acc[0]);
         acc[1] = fmaf(c[0][1] + c[1][1], it.s_lo, acc[1]);
