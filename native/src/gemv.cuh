@@ -703,11 +703,11 @@ void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int 
   else gemv_launch<T, B, 1>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
-// `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
 // int4 in groups of 128 columns or more goes to the tensor cores (a step of a warp is one group), up to 8
 // rows; everything else takes 1 or 2.
 inline int gemv_max_batch(int quant, int group) { return quant == 2 && group >= 128 ? kGemvMmaMaxBatch : kGemvMaxBatch; }
 
+// `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
 template <typename T, class W, class Pro, class Epi>
 void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   if constexpr (std::is_same_v<W, Int4W<T>>) {
