@@ -41,7 +41,7 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
   for (const dtype of DTYPES) {
     const code = dtypeCode(dtype);
 
-    test(`gemv ${dtype}: 16-bit, int8 and int4 weights (int4 up to 8 rows); plain, residual, logits and SiLU epilogues; with and without the RMSNorm prologue`, () => {
+    test(`gemv ${dtype}: 16-bit, int8 and int4 weights (int8 and int4 up to 8 rows); plain, residual, logits and SiLU epilogues; with and without the RMSNorm prologue`, () => {
       const cases = [
         { rows: 64, cols: 256, batch: 1 },
         { rows: 250, cols: 688, batch: 2 },
@@ -49,15 +49,20 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
         { rows: 2560, cols: 2048, batch: 1 },
         { rows: 2048, cols: 5888, batch: 2 },
         { rows: 1000, cols: 2048, batch: 2 },
-        // int4 in groups of 32 (columns not a multiple of 128): the CUDA-core kernel; groups of 128 above
-        // go to the tensor cores.
+        // int8 at one row or in columns not a multiple of 64, and int4 in groups of 32 (columns not a
+        // multiple of 128): the CUDA-core kernel; the rest go to the tensor cores.
         { rows: 96, cols: 352, batch: 1 },
         { rows: 80, cols: 352, batch: 2 },
-        // Up to 8 rows: int4 alone (the tensor-core kernel). Four rows of 5,888 columns take just under 48 KB
-        // of shared memory, past the default limit once the kernel's static shared memory is counted.
+        // Up to 8 rows: int8 and int4 alone (the tensor-core kernel). Four rows of 5,888 columns take just
+        // under 48 KB of shared memory, past the default limit once the kernel's static shared memory is
+        // counted.
         { rows: 1000, cols: 2048, batch: 5 },
         { rows: 2048, cols: 5888, batch: 4 },
         { rows: 2048, cols: 5888, batch: 8 },
+        // Long rows (16,384 columns: 128 tensor-core steps), and 24 and 40 rows, which leave a tile's last
+        // rows past the matrix.
+        { rows: 24, cols: 16384, batch: 1 },
+        { rows: 40, cols: 16384, batch: 3 },
       ];
       for (const { rows, cols, batch } of cases) {
         for (const norm of [0, 1]) {
@@ -71,7 +76,9 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
           for (const quant of ["none", "int8", "int4"] as const) {
             // Quantized weights: the reference product uses their dequantized values.
             const stored = quant === "none" ? null : quantized(w.bytes, rows, cols, dtype, quant);
-            if ((quant !== "none" && !stored) || (batch > 2 && quant !== "int4")) continue;
+            // More than 2 rows: the tensor-core kernel's formats alone.
+            const mma = (quant === "int4" && stored?.group === 128) || (quant === "int8" && cols % 64 === 0);
+            if ((quant !== "none" && !stored) || (batch > 2 && !mma)) continue;
             const yq = stored ? matMul(x, batch, { rows, cols, data: stored.values }) : y;
             for (const mode of [0, 1, 2, 3]) {
               const init = randomF32(rng, batch * rows, 1);

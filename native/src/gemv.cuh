@@ -8,8 +8,8 @@
 // deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The
 // grid is persistent: a block builds its activations once in shared memory (the prologue: a plain copy, or
 // the RMSNorm of the fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
-// (the formats of src/model/weights.ts); int4 in groups of 128 columns or more goes to a tensor-core
-// kernel instead (gemv_mma_kernel, below). Larger batches go to cuBLASLt (faster there, measured with
+// (the formats of src/model/weights.ts); int8, and int4 in groups of 128 columns or more, go to a
+// tensor-core kernel instead (gemv_mma_kernel, below). Larger batches go to cuBLASLt (faster there, measured with
 // bench/gemv-kernels.ts and `decima bench`).
 #pragma once
 #include "common.cuh"
@@ -139,12 +139,14 @@ template <typename T> struct ProRmsNorm {
 // 1.136 to 0.984 ms with int4, BENCHMARKS.md).
 
 template <typename T> struct DenseW {
+  static constexpr int kQuant = 0;   // model.h's Quant
   static constexpr int kPerVec = 8;  // values per 16 bytes
   using Vec = uint4;
   const T* w;
   int cols;
   __device__ Vec load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
   DenseW from_row(int r) const { return {w + (size_t)r * cols, cols}; }
+  int group() const { return 0; }
   template <int B>
   __device__ void dot(const Vec& lo, const Vec& hi, int v, const T* xs, int stride, float (&acc_lo)[B], float (&acc_hi)[B]) const {
     float wl[8], wh[8];
@@ -242,12 +244,17 @@ template <typename T, class F, int N> struct ScaledW {
 // W8A16: int8 values, a scale per row.
 template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
   using Vec = typename ScaledW<T, Int8W<T>, 16>::Vec;
+  static constexpr int kQuant = 1;
   const int8_t* q;
   const half* scales;  // [rows]
   int cols;
   static Int8W make(const int8_t* q, const half* scales, int cols) { return {{}, q, scales, cols}; }
   Int8W from_row(int r) const { return make(q + (size_t)r * cols, scales + r, cols); }
-  __device__ Vec load(int row, int v) const { return {load_stream(q + (size_t)row * cols + v * 16), __half2float(scales[row])}; }
+  int group() const { return 0; }
+  // Where a row's 16-byte vector v and its scale are.
+  __device__ const int8_t* vec(int row, int v) const { return q + (size_t)row * cols + v * 16; }
+  __device__ const half* scale(int row, int) const { return scales + row; }
+  __device__ Vec load(int row, int v) const { return {load_stream(vec(row, v)), __half2float(*scale(row, v))}; }
   // Values 8h .. 8h + 7 of the vector.
   static __device__ void to_float8(const uint4& q, int h, float* out) {
     s8x4_to_float(h ? q.z : q.x, out);
@@ -260,6 +267,7 @@ template <typename T> struct Int8W : ScaledW<T, Int8W<T>, 16> {
 // vector's group is a shift away.
 template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
   using Vec = typename ScaledW<T, Int4W<T>, 32>::Vec;
+  static constexpr int kQuant = 2;
   const uint8_t* q;
   const half* scales;  // [rows][groups]
   int cols, groups, group_shift;
@@ -270,9 +278,11 @@ template <typename T> struct Int4W : ScaledW<T, Int4W<T>, 32> {
     return {{}, q, scales, cols, cols / group, shift};
   }
   Int4W from_row(int r) const { return {{}, q + (size_t)r * (cols / 2), scales + (size_t)r * groups, cols, groups, group_shift}; }
-  __device__ Vec load(int row, int v) const {
-    return {load_stream(q + (size_t)row * (cols / 2) + v * 16), __half2float(scales[(size_t)row * groups + (v >> group_shift)])};
-  }
+  int group() const { return 32 << group_shift; }
+  // Where a row's 16-byte vector v and its scale are.
+  __device__ const uint8_t* vec(int row, int v) const { return q + (size_t)row * (cols / 2) + v * 16; }
+  __device__ const half* scale(int row, int v) const { return scales + (size_t)row * groups + (v >> group_shift); }
+  __device__ Vec load(int row, int v) const { return {load_stream(vec(row, v)), __half2float(*scale(row, v))}; }
   // Values 8h .. 8h + 7 of the vector.
   static __device__ void to_float8(const uint4& q, int h, float* out) { s4x8_to_float(word(q, h), out); }
 };
@@ -502,19 +512,18 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
   }
 }
 
-// ---- int4 on the tensor cores --------------------------------------------------------------------------
+// ---- quantized weights on the tensor cores ---------------------------------------------------------------
 // The CUDA-core kernel above is bound by instruction issue on int4 (Nsight Compute, 1B gate/up at one row:
-// 62% of issue slots busy with the memory 22% busy, about 6.7M warp instructions), and a second batch row
-// doubles its arithmetic. Here mma.sync m16n8k16 (fp32 accumulators) does the multiply-adds: A is 16
-// weight rows x 16 columns, B the same 16 columns of up to 8 batch rows (lane g supplies batch row g; rows
-// past the batch repeat the last one, and their sums are dropped), so two rows cost what one does. Lane
-// (g = lane / 4, t = lane % 4) streams the 16-byte vectors (32 columns) of the tile's rows g and g + 8
-// (TileRows lo + g and hi + g) at columns 128u + 32t: a warp reads 16 rows x 128 columns per step, one
-// group of scales. The exponent trick of s4x8_to_float puts nibbles s and s + 4 of a 32-bit word (columns
-// s and s + 4) in the two halves of an A register, k slots 2t and 2t + 1; nibbles s + 1 and s + 5 fill k
-// slots 2t + 8 and 2t + 9; MmaLayout stores x in that order. The first version of this kernel ran 4.3M
-// warp instructions for that gate/up. Measured int4 steps (BENCHMARKS.md): one row unchanged within the
-// runs' spread, two 0.94 to 0.77 ms; four and eight 3.0 to 1.2 and 1.5 ms (cuBLASLt on weights dequantized
+// 62% of issue slots busy with the memory 22% busy, about 6.7M warp instructions), and each batch row past
+// the first adds its arithmetic again. Here mma.sync m16n8k16 (fp32 accumulators) does the multiply-adds: A
+// is 16 weight rows x 16 columns, B the same 16 columns of up to 8 batch rows (lane g supplies batch row g;
+// rows past the batch repeat the last one, and their sums are dropped), so eight rows cost what one does.
+// Lane (g = lane / 4, t = lane % 4) streams the 16-byte vectors 4u + t of the tile's rows g and g + 8
+// (TileRows lo + g and hi + g): a warp reads 16 rows x 64 bytes per step, a step being 128 columns of int4
+// (one group of scales) or 64 of int8. The 16 k slots of an mma need not be consecutive columns, only the
+// same columns in A and B: each format takes its columns in the order its bytes unpack (MmaInt4, MmaInt8)
+// and stores x in that order. Measured (BENCHMARKS.md): int4 steps of one row unchanged within the runs'
+// spread, two 0.94 to 0.77 ms; four and eight 3.0 to 1.2 and 1.5 ms (cuBLASLt on weights dequantized
 // every step before).
 
 // A T pair holding 1024 (half) or 128 (bfloat16), the powers of two whose last mantissa bit weighs 1, in
@@ -529,12 +538,34 @@ template <> struct Nibble<__nv_bfloat16> {
   static constexpr uint32_t kOne = 0x43004300u, kBias = 0x43084308u;  // 128, 136: 7 mantissa bits hold a nibble
 };
 
+// (a & b) | c in one instruction (the compiler emits two).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // Nibbles s and s + 4 of w (stored as q + 8) as the two q of a T pair.
 template <typename T> __device__ __forceinline__ uint32_t s4x2(uint32_t w, int s) {
   using P = typename Nibble<T>::Pair;
-  const uint32_t biased = ((w >> (4 * s)) & 0x000F000Fu) | Nibble<T>::kOne, bias = Nibble<T>::kBias;
+  const uint32_t biased = and_or(w >> (4 * s), 0x000F000Fu, Nibble<T>::kOne), bias = Nibble<T>::kBias;
   const P q = __hsub2(*reinterpret_cast<const P*>(&biased), *reinterpret_cast<const P*>(&bias));
   return *reinterpret_cast<const uint32_t*>(&q);
+}
+
+// Bytes 2p and 2p + 1 of w (int8) as a T pair, exactly: half by the exponent trick (1024 + the byte
+// offset to unsigned, less 1152); bfloat16's 7 mantissa bits cannot hold a byte, so through fp32.
+template <typename T> __device__ __forceinline__ uint32_t s8x2(uint32_t w, int p) {
+  if constexpr (std::is_same_v<T, half>) {
+    const uint32_t biased = __byte_perm(w ^ 0x80808080u, 0x64646464u, p ? 0x4342 : 0x4140), bias = 0x64806480u;
+    const half2 q = __hsub2(*reinterpret_cast<const half2*>(&biased), *reinterpret_cast<const half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  } else {
+    float f[4];
+    s8x4_to_float(w, f);
+    const __nv_bfloat162 q = __floats2bfloat162_rn(f[2 * p], f[2 * p + 1]);
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
 }
 
 // c += A B for one m16n8k16 tile of T operands, fp32 accumulators.
@@ -548,17 +579,62 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A step of int4: the exponent trick of s4x2 puts nibbles s and s + 4 of a 32-bit word (columns s and
+// s + 4) in the two halves of an A register, k slots 2t and 2t + 1; nibbles s + 1 and s + 5 fill k slots
+// 2t + 8 and 2t + 9; MmaLayout stores x in that order. Eight mma, as two chains of four.
+template <typename T> struct MmaInt4 {
+  using Layout = MmaLayout;
+  static constexpr int kStep = 128;  // columns
+  __device__ static void step(float (&c)[2][4], const uint4& qlo, const uint4& qhi, const T* xc, int t) {
+    const uint32_t lo[4] = {qlo.x, qlo.y, qlo.z, qlo.w}, hi[4] = {qhi.x, qhi.y, qhi.z, qhi.w};
+    const int flip = t & 2;
+#pragma unroll
+    for (int h = 0; h < 4; h++) {
+      const uint4 x = *reinterpret_cast<const uint4*>(xc + ((h ^ flip) << 3));
+      mma16816<T>(c[h & 1], s4x2<T>(lo[h], 0), s4x2<T>(hi[h], 0), s4x2<T>(lo[h], 1), s4x2<T>(hi[h], 1), x.x, x.y);
+      mma16816<T>(c[h & 1], s4x2<T>(lo[h], 2), s4x2<T>(hi[h], 2), s4x2<T>(lo[h], 3), s4x2<T>(hi[h], 3), x.z, x.w);
+    }
+  }
+};
+
+// x in column order, rows one 16-byte chunk longer: a row's four lanes read 32 contiguous bytes each, and
+// the next batch row's reads start 16 bytes further round the banks.
+struct MmaInOrderLayout : PlainLayout {
+  static constexpr int kPad = 8;
+};
+
+// A step of int8: lane t's vector is columns 16t .. 16t + 15 of the step, and word m of it (columns
+// 16t + 4m .. + 3) fills k slots 2t, 2t + 1 (bytes 0, 1) and 2t + 8, 2t + 9 (bytes 2, 3) of the m-th mma;
+// its B registers are then x's columns in order, 8 bytes at 16t + 4m. Four mma, as two chains of two.
+template <typename T> struct MmaInt8 {
+  using Layout = MmaInOrderLayout;
+  static constexpr int kStep = 64;
+  __device__ static void step(float (&c)[2][4], const uint4& qlo, const uint4& qhi, const T* xc, int) {
+    const uint32_t lo[4] = {qlo.x, qlo.y, qlo.z, qlo.w}, hi[4] = {qhi.x, qhi.y, qhi.z, qhi.w};
+    const uint4 x0 = *reinterpret_cast<const uint4*>(xc), x1 = *reinterpret_cast<const uint4*>(xc + 8);
+    const uint32_t x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+    for (int m = 0; m < 4; m++) mma16816<T>(c[m & 1], s8x2<T>(lo[m], 0), s8x2<T>(hi[m], 0), s8x2<T>(lo[m], 1), s8x2<T>(hi[m], 1), x[2 * m], x[2 * m + 1]);
+  }
+};
+
+template <class W> struct MmaOf;
+template <typename T> struct MmaOf<Int4W<T>> { using type = MmaInt4<T>; };
+template <typename T> struct MmaOf<Int8W<T>> { using type = MmaInt8<T>; };
+
 // W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
 // products, so that an SM has more loads in flight than one block of 8 warps), and add their sums in a
-// fixed order. A step's eight mma form two chains of four, not one of eight, to wait less on each result.
-template <typename T, int P, int W, class Pro, class Epi>
-__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+// fixed order.
+template <typename T, int P, int W, class F, class Pro, class Epi>
+__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(F w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
+  using M = typename MmaOf<F>::type;
+  using L = typename M::Layout;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float4 sums[W][32];  // a warp's tile sums: lane (g, t) rows g and g + 8 of batch rows 2t, 2t + 1
-  const int stride = cols + MmaLayout::kPad;
+  const int stride = cols + L::kPad;
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int steps = cols / 128, per_tile = ceil_div(steps, W);  // a warp's steps per tile
+  const int steps = cols / M::kStep, per_tile = ceil_div(steps, W);  // a warp's steps per tile
   const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
   // Loads run P items ahead of use; an item is the warp's k-th step (warp + k x W) of its block's n-th tile
   // (blockIdx.x + n x gridDim.x), both walked by counters.
@@ -573,10 +649,9 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
     if (load_n >= my_tiles) return;
     const int step = warp + load_k * W;
     if (step < steps) {
-      const int v = step * 4 + t, group = v >> w.group_shift;  // the lane's 16-byte vector in the row
-      const int lo = load_rows.lo + g, hi = load_rows.hi + g;
-      if (lo < rows) it.lo = load_stream(w.q + (size_t)lo * (cols / 2) + v * 16), it.s_lo = __half2float(w.scales[(size_t)lo * w.groups + group]);
-      if (hi < rows) it.hi = load_stream(w.q + (size_t)hi * (cols / 2) + v * 16), it.s_hi = __half2float(w.scales[(size_t)hi * w.groups + group]);
+      const int v = step * 4 + t, lo = load_rows.lo + g, hi = load_rows.hi + g;  // the lane's vector in its rows
+      if (lo < rows) it.lo = load_stream(w.vec(lo, v)), it.s_lo = __half2float(*w.scale(lo, v));
+      if (hi < rows) it.hi = load_stream(w.vec(hi, v)), it.s_hi = __half2float(*w.scale(hi, v));
     }
     if (++load_k == per_tile) load_k = 0, load_rows = epi.tile(blockIdx.x + ++load_n * gridDim.x);
   };
@@ -586,12 +661,11 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
   for (int u = 0; u < P; u++) load(buf[u]);
   pdl_launch_dependents();
   pdl_wait();
-  pro.template load<MmaLayout>(xs, batch, stride, batch, cols);
+  pro.template load<L>(xs, batch, stride, batch, cols);
   __syncthreads();
 
-  // The lane's x: batch row g (or the last), its 32-column block t, chunks in the swizzled order.
-  const T* xrow = xs + (size_t)min(g, batch - 1) * stride + t * 32;
-  const int flip = t & 2;
+  // The lane's x: batch row g (or the last), its quarter of a step.
+  const T* xrow = xs + (size_t)min(g, batch - 1) * stride + t * (M::kStep / 4);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int items = my_tiles * per_tile;
   int n = 0, k = 0;  // the item in use: tile n, step slot k
@@ -602,15 +676,8 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(Int4W<T> w, int rows, 
       const int step = warp + k * W;
       if (step < steps) {
         const Item& it = buf[u];
-        const T* xc = xrow + step * 128;
-        const uint32_t lo[4] = {it.lo.x, it.lo.y, it.lo.z, it.lo.w}, hi[4] = {it.hi.x, it.hi.y, it.hi.z, it.hi.w};
         float c[2][4] = {};
-#pragma unroll
-        for (int h = 0; h < 4; h++) {
-          const uint4 x = *reinterpret_cast<const uint4*>(xc + ((h ^ flip) << 3));
-          mma16816<T>(c[h & 1], s4x2<T>(lo[h], 0), s4x2<T>(hi[h], 0), s4x2<T>(lo[h], 1), s4x2<T>(hi[h], 1), x.x, x.y);
-          mma16816<T>(c[h & 1], s4x2<T>(lo[h], 2), s4x2<T>(hi[h], 2), s4x2<T>(lo[h], 3), s4x2<T>(hi[h], 3), x.z, x.w);
-        }
+        M::step(c, it.lo, it.hi, xrow + step * M::kStep, t);
         acc[0] = fmaf(c[0][0] + c[1][0], it.s_lo, acc[0]);
         acc[1] = fmaf(c[0][1] + c[1][1], it.s_lo, acc[1]);
         acc[2] = fmaf(c[0][2] + c[1][2], it.s_hi, acc[2]);
@@ -678,15 +745,15 @@ void gemv_launch(const Launch& l, const W& w, int rows, int cols, int batch, int
   launch_gemv_grid(l, gemv_kernel<T, B, P, S, W, Pro, Epi>, configured, kGemvThreads * S, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
 }
 
-template <typename T, int W, class Pro, class Epi>
-void gemv_mma_launch(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+template <typename T, int W, class F, class Pro, class Epi>
+void gemv_mma_launch(const Launch& l, const F& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   static size_t configured = 0;
-  const size_t smem = (size_t)batch * (cols + MmaLayout::kPad) * sizeof(T);
-  launch_gemv_grid(l, gemv_mma_kernel<T, 4, W, Pro, Epi>, configured, W * 32, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
+  const size_t smem = (size_t)batch * (cols + MmaOf<F>::type::Layout::kPad) * sizeof(T);
+  launch_gemv_grid(l, gemv_mma_kernel<T, 4, W, F, Pro, Epi>, configured, W * 32, smem, tiles, w, rows, cols, batch, tiles, pro, epi);
 }
 
-template <typename T, class Pro, class Epi>
-void gemv_mma(const Launch& l, const Int4W<T>& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
+template <typename T, class F, class Pro, class Epi>
+void gemv_mma(const Launch& l, const F& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
   if (tiles <= sm_count()) gemv_mma_launch<T, 2 * kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
   else gemv_mma_launch<T, kGemvWarps>(l, w, rows, cols, batch, tiles, pro, epi);
 }
@@ -703,15 +770,23 @@ void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int 
   else gemv_launch<T, B, 1>(l, w, rows, cols, batch, tiles, pro, epi);
 }
 
-// int4 in groups of 128 columns or more goes to the tensor cores (a step of a warp is one group), up to 8
-// rows; everything else takes 1 or 2.
-inline int gemv_max_batch(int quant, int group) { return quant == 2 && group >= 128 ? kGemvMmaMaxBatch : kGemvMaxBatch; }
+// Which products of `cols` columns and `batch` rows run on the tensor cores, for weights stored as `quant`
+// (model.h's Quant) in groups of `group`: int4 in groups of 128 columns or more (a warp's step is one
+// group), and int8 in multiples of 64 columns (a step) from two rows on (at one row the CUDA-core kernel
+// is faster: int8 step 0.79-0.80 ms against 0.83, BENCHMARKS.md); up to 8 rows, an mma's n.
+inline bool gemv_on_tensor_cores(int quant, int group, int cols, int batch) {
+  if (batch > kGemvMmaMaxBatch) return false;
+  return (quant == 2 && group >= 128) || (quant == 1 && cols % 64 == 0 && batch >= 2);
+}
+
+// How many activation rows a GEMV takes: 8 on the tensor cores, else 2 (the CUDA-core kernel).
+inline int gemv_max_batch(int quant, int group, int cols) { return gemv_on_tensor_cores(quant, group, cols, kGemvMmaMaxBatch) ? kGemvMmaMaxBatch : kGemvMaxBatch; }
 
 // `rows` bounds the weight rows read; `tiles` (16 rows each) comes from the epilogue's tiling.
 template <typename T, class W, class Pro, class Epi>
 void gemv(const Launch& l, const W& w, int rows, int cols, int batch, int tiles, const Pro& pro, const Epi& epi) {
-  if constexpr (std::is_same_v<W, Int4W<T>>) {
-    if (w.group_shift >= 2 && batch <= kGemvMmaMaxBatch) return gemv_mma<T>(l, w, rows, cols, batch, tiles, pro, epi);
+  if constexpr (W::kQuant != 0) {
+    if (gemv_on_tensor_cores(W::kQuant, w.group(), cols, batch)) return gemv_mma<T>(l, w, rows, cols, batch, tiles, pro, epi);
   }
   if (batch == 1) gemv_split<T, 1>(l, w, rows, cols, batch, tiles, pro, epi);
   else if (batch == 2) gemv_split<T, 2>(l, w, rows, cols, batch, tiles, pro, epi);

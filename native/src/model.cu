@@ -336,6 +336,10 @@ template <typename T, int HD> class Runner final : public Model {
       max_qkv = std::max(max_qkv, (l.heads + 2 * l.kv_heads) * HD);
     }
     const size_t t = o_.max_tokens, s = o_.max_seqs, h = d_.hidden;
+    // Steps of up to gemv_rows_ tokens run the GEMVs, so every layer's products must take that many rows.
+    gemv_rows_ = kGemvMmaMaxBatch;
+    for (const auto& l : d_.layers)
+      for (int cols : {d_.hidden, l.heads * HD, l.inter}) gemv_rows_ = std::min(gemv_rows_, gemv_max_batch(static_cast<int>(d_.quant), d_.group, cols));
     resid_ = arena_.device<float>(t * h, "residual stream");
     xnorm_ = arena_.device<T>(t * h, "normalised activations");
     qkv_ = arena_.device<T>(t * max_qkv, "QKV products");
@@ -501,7 +505,7 @@ template <typename T, int HD> class Runner final : public Model {
   void forward(const Shape& sh, int top_n, float* logits_to_host = nullptr) {
     const Launch l = launch_config();
     const int n = sh.tokens, h = d_.hidden;
-    const bool small = n <= gemv_max_batch(static_cast<int>(d_.quant), d_.group);
+    const bool small = n <= gemv_rows_;
     const DType dt = d_.dtype;
     prof_.begin(stream_);
     launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
@@ -586,7 +590,7 @@ template <typename T, int HD> class Runner final : public Model {
     epi.rows = d_.vocab;
     epi.out = logits_;
     epi.ld = d_.vocab;
-    const int gemv_rows = gemv_max_batch(static_cast<int>(lm_head_.quant), d_.group);
+    const int gemv_rows = gemv_max_batch(static_cast<int>(lm_head_.quant), d_.group, h);
     if (sh.tokens == s && s <= gemv_rows) {
       with_linear(lm_head_, h, [&](const auto& head) {
         gemv<T>(l, head, d_.vocab, h, s, RowsLinear::tiles(d_.vocab), ProRmsNorm<T>{resid_, h, norm_, d_.eps}, epi);
@@ -735,6 +739,7 @@ template <typename T, int HD> class Runner final : public Model {
   std::vector<WeightInfo> weight_info_;
   std::map<std::string, void*> weight_ptr_;
   std::vector<LayerWeights> layers_;
+  int gemv_rows_ = 0;  // the most tokens a step runs through the GEMVs (allocate_workspace)
   T *embed_ = nullptr, *norm_ = nullptr;
   Linear lm_head_{};
   int head_slice_ = 0;  // vocabulary rows of a quantized LM head per cuBLASLt product
