@@ -146,7 +146,6 @@ template <typename T> struct DenseW {
   int cols;
   __device__ Vec load(int row, int v) const { return load_stream(w + (size_t)row * cols + v * kPerVec); }
   DenseW from_row(int r) const { return {w + (size_t)r * cols, cols}; }
-  int group() const { return 0; }
   template <int B>
   __device__ void dot(const Vec& lo, const Vec& hi, int v, const T* xs, int stride, float (&acc_lo)[B], float (&acc_hi)[B]) const {
     float wl[8], wh[8];
@@ -522,9 +521,9 @@ __global__ void __launch_bounds__(kGemvThreads * S) gemv_kernel(W w, int rows, i
 // (TileRows lo + g and hi + g): a warp reads 16 rows x 64 bytes per step, a step being 128 columns of int4
 // (one group of scales) or 64 of int8. The 16 k slots of an mma need not be consecutive columns, only the
 // same columns in A and B: each format takes its columns in the order its bytes unpack (MmaInt4, MmaInt8)
-// and stores x in that order. Measured (BENCHMARKS.md): int4 steps of one row unchanged within the runs'
-// spread, two 0.94 to 0.77 ms; four and eight 3.0 to 1.2 and 1.5 ms (cuBLASLt on weights dequantized
-// every step before).
+// and stores x in that order. Measured steps (BENCHMARKS.md): int4 at one row unchanged within the runs'
+// spread, two 0.94 to 0.77 ms; four and eight 3.0 to 1.2 and 1.5 ms; int8 at two 1.01 to 0.96 ms, four and
+// eight 2.6 to 1.13 and 1.39 ms (cuBLASLt on weights dequantized every step before).
 
 // A T pair holding 1024 (half) or 128 (bfloat16), the powers of two whose last mantissa bit weighs 1, in
 // both halves, and that plus 8: OR-ing a nibble into the first and subtracting the second leaves its q.
