@@ -8,8 +8,8 @@
 // deep per row, the first ones issued before waiting for the previous kernel (PDL); sums by shuffles. The
 // grid is persistent: a block builds its activations once in shared memory (the prologue: a plain copy, or
 // the RMSNorm of the fp32 residual stream), then walks tiles. Quantized weights are dequantized in registers as they stream
-// (the formats of src/model/weights.ts); int8, and int4 in groups of 128 columns or more, go to a
-// tensor-core kernel instead (gemv_mma_kernel, below). Larger batches go to cuBLASLt (faster there, measured with
+// (the formats of src/model/weights.ts); int8 from two rows on, and int4 in groups of 128 columns or more,
+// go to a tensor-core kernel instead (gemv_mma_kernel, below). Larger batches go to cuBLASLt (faster there, measured with
 // bench/gemv-kernels.ts and `decima bench`).
 #pragma once
 #include "common.cuh"
