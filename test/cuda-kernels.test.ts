@@ -123,6 +123,39 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
       }
     });
 
+    test(`fused MLP ${dtype}: int4 weights, 1 to 8 rows, against RMSNorm, gate/up, SiLU x up and down on the CPU`, () => {
+      const cases = [
+        { hidden: 256, inter: 512, batch: 1 },
+        { hidden: 256, inter: 512, batch: 3 },
+        { hidden: 512, inter: 384, batch: 2 }, // three chunks
+        { hidden: 1024, inter: 256, batch: 5 }, // a block's down tiles outnumber its warps
+        { hidden: 2048, inter: 5888, batch: 1 }, // eight gate/up steps per warp, all staged
+        { hidden: 2048, inter: 5888, batch: 8 },
+      ];
+      for (const { hidden, inter, batch } of cases) {
+        const gu = randomHalf(rng, 2 * inter * hidden, 1 / Math.sqrt(hidden), dtype);
+        const down = randomHalf(rng, hidden * inter, 1 / Math.sqrt(inter), dtype);
+        const gain = randomHalf(rng, hidden, 1, dtype);
+        const resid = randomF32(rng, batch * hidden, 2);
+        const x = round(cpuRmsNorm(resid, batch, gain.values, 1e-5), dtype);
+        const g = quantized(gu.bytes, 2 * inter, hidden, dtype, "int4")!;
+        const d = quantized(down.bytes, hidden, inter, dtype, "int4")!;
+        // The unfused path's roundings: gate and up stored as 16-bit, then their product.
+        const y = round(matMul(x, batch, { rows: 2 * inter, cols: hidden, data: g.values }), dtype);
+        const act = new Float32Array(batch * inter);
+        for (let b = 0; b < batch; b++)
+          for (let i = 0; i < inter; i++) act[b * inter + i] = silu(y[b * 2 * inter + i]) * y[b * 2 * inter + inter + i];
+        const want = matMul(round(act, dtype), batch, { rows: hidden, cols: inter, data: d.values });
+        const inputs = { w_gate_up: g.data, scales_gate_up: g.scales, w_down: d.data, scales_down: d.scales, x: resid, gain: gain.bytes };
+        const params = { dtype: code, hidden, inter, batch, quant: 2, group: 128, eps: 1e-5 };
+        const out = f32(addon().testKernel("mlp", inputs, params).y);
+        const got = out.map((v, i) => v - resid[i]);
+        const err = relErr(got, want);
+        // An activation on a 16-bit rounding boundary may round the other way after fp32 sums in another order.
+        assert.ok(err < tol(dtype), `hidden ${hidden} inter ${inter} batch ${batch}: error ${err}`);
+      }
+    });
+
     for (const hd of [64, 128]) {
       test(`QKV + RoPE + KV-cache write ${dtype} head ${hd}: fused GEMV epilogue and the GEMM path`, () => {
         const heads = 8, kv = 2, hidden = 512, bs = 16, blocks = 8, theta = 10000, maxPos = 2048;

@@ -16,8 +16,7 @@
 // context x heads x hd. At decode sizes it is latency-bound: the critical path after the wait is one round
 // trip to L2, a chunk's arithmetic (about a microsecond) and the cluster barrier.
 #pragma once
-#include <cooperative_groups.h>
-
+#include "cluster.cuh"
 #include "common.cuh"
 #include "gemv.cuh"
 
@@ -45,29 +44,6 @@ template <typename T, int HD> size_t attention_decode_smem(int group, int cluste
          + sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition      // queries, scores
                             + (size_t)group * HD + 2 * (size_t)cluster * group   // partials received: sums, (max, sum)
                             + 3 * group);                                        // per head: max, sum, rescale
-}
-
-// Thread-block clusters exist from Hopper on; before it a cluster is one block and these reduce to it.
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return (int)cooperative_groups::this_cluster().block_rank();
-#else
-  return 0;
-#endif
-}
-template <typename P> __device__ __forceinline__ P* cluster_peer(P* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  return p;
-#endif
-}
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __syncthreads();
-#endif
 }
 
 // Positions [from, to) of K and V into the chunk's shared-memory rows, counted from `first`.

@@ -332,16 +332,23 @@ struct RowsLinear {
 };
 
 // residual[b][r] += y: the O and down projections add straight into the fp32 residual stream. Both reads
-// leave before either write (one memory round trip, not two).
+// leave before either write (one memory round trip, not two). With `copy`, the sums go there too (same
+// ld): the fused MLP (gemv_mlp.cuh) normalises the copy while its additions land in the stream.
 struct EpiResidual : RowsLinear {
   float* resid;
   int ld;
+  float* copy;
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
-    float* r = resid + (size_t)b * ld;
+    const size_t at = (size_t)b * ld;
+    float* r = resid + at;
     const bool has_lo = valid(t.lo + i), has_hi = valid(t.hi + i);
-    const float old_lo = has_lo ? r[t.lo + i] : 0.f, old_hi = has_hi ? r[t.hi + i] : 0.f;
-    if (has_lo) r[t.lo + i] = old_lo + lo;
-    if (has_hi) r[t.hi + i] = old_hi + hi;
+    const float new_lo = (has_lo ? r[t.lo + i] : 0.f) + lo, new_hi = (has_hi ? r[t.hi + i] : 0.f) + hi;
+    if (has_lo) r[t.lo + i] = new_lo;
+    if (has_hi) r[t.hi + i] = new_hi;
+    if (copy) {
+      if (has_lo) copy[at + t.lo + i] = new_lo;
+      if (has_hi) copy[at + t.hi + i] = new_hi;
+    }
   }
 };
 
@@ -621,6 +628,30 @@ template <class W> struct MmaOf;
 template <typename T> struct MmaOf<Int4W<T>> { using type = MmaInt4<T>; };
 template <typename T> struct MmaOf<Int8W<T>> { using type = MmaInt8<T>; };
 
+// A lane's part of a step of two weight rows, lo and hi (A's rows g and g + 8): the vector v of each with
+// its scale. Rows at or past `rows` read as zeros.
+struct MmaItem {
+  uint4 lo, hi;
+  float s_lo, s_hi;
+};
+template <class F> __device__ __forceinline__ MmaItem mma_item(const F& w, int lo, int hi, int v, int rows) {
+  MmaItem it{};
+  if (lo < rows) it.lo = load_stream(w.vec(lo, v)), it.s_lo = __half2float(*w.scale(lo, v));
+  if (hi < rows) it.hi = load_stream(w.vec(hi, v)), it.s_hi = __half2float(*w.scale(hi, v));
+  return it;
+}
+
+// acc += the step's products with x (the lane's quarter of the step at xc), each row's scaled once. Lane
+// (g, t) holds rows g and g + 8 (acc 0-1 and 2-3) of batch rows 2t and 2t + 1.
+template <class M, typename T> __device__ __forceinline__ void mma_accumulate(float (&acc)[4], const MmaItem& it, const T* xc, int t) {
+  float c[2][4] = {};
+  M::step(c, it.lo, it.hi, xc, t);
+  acc[0] = fmaf(c[0][0] + c[1][0], it.s_lo, acc[0]);
+  acc[1] = fmaf(c[0][1] + c[1][1], it.s_lo, acc[1]);
+  acc[2] = fmaf(c[0][2] + c[1][2], it.s_hi, acc[2]);
+  acc[3] = fmaf(c[0][3] + c[1][3], it.s_hi, acc[3]);
+}
+
 // W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
 // products, so that an SM has more loads in flight than one block of 8 warps), and add their sums in a
 // fixed order.
@@ -637,25 +668,17 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(F w, int rows, int col
   const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
   // Loads run P items ahead of use; an item is the warp's k-th step (warp + k x W) of its block's n-th tile
   // (blockIdx.x + n x gridDim.x), both walked by counters.
-  struct Item {
-    uint4 lo, hi;
-    float s_lo, s_hi;
-  };
   int load_n = 0, load_k = 0;
   TileRows load_rows = epi.tile(blockIdx.x);
-  auto load = [&](Item& it) {
-    it = Item{};
+  auto load = [&](MmaItem& it) {
+    it = MmaItem{};
     if (load_n >= my_tiles) return;
     const int step = warp + load_k * W;
-    if (step < steps) {
-      const int v = step * 4 + t, lo = load_rows.lo + g, hi = load_rows.hi + g;  // the lane's vector in its rows
-      if (lo < rows) it.lo = load_stream(w.vec(lo, v)), it.s_lo = __half2float(*w.scale(lo, v));
-      if (hi < rows) it.hi = load_stream(w.vec(hi, v)), it.s_hi = __half2float(*w.scale(hi, v));
-    }
+    if (step < steps) it = mma_item(w, load_rows.lo + g, load_rows.hi + g, step * 4 + t, rows);
     if (++load_k == per_tile) load_k = 0, load_rows = epi.tile(blockIdx.x + ++load_n * gridDim.x);
   };
 
-  Item buf[P];
+  MmaItem buf[P];
 #pragma unroll
   for (int u = 0; u < P; u++) load(buf[u]);
   pdl_launch_dependents();
@@ -673,15 +696,7 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(F w, int rows, int col
     for (int u = 0; u < P; u++) {
       if (j0 + u >= items) break;
       const int step = warp + k * W;
-      if (step < steps) {
-        const Item& it = buf[u];
-        float c[2][4] = {};
-        M::step(c, it.lo, it.hi, xrow + step * M::kStep, t);
-        acc[0] = fmaf(c[0][0] + c[1][0], it.s_lo, acc[0]);
-        acc[1] = fmaf(c[0][1] + c[1][1], it.s_lo, acc[1]);
-        acc[2] = fmaf(c[0][2] + c[1][2], it.s_hi, acc[2]);
-        acc[3] = fmaf(c[0][3] + c[1][3], it.s_hi, acc[3]);
-      }
+      if (step < steps) mma_accumulate<M>(acc, buf[u], xrow + step * M::kStep, t);
       load(buf[u]);
       if (++k == per_tile) {  // the tile's steps are done: add the warps' sums
         if (2 * t < batch) sums[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);

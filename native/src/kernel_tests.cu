@@ -11,6 +11,7 @@
 #include "elementwise.cuh"
 #include "gemm.h"
 #include "gemv.cuh"
+#include "gemv_mlp.cuh"
 #include "kernel_tests.h"
 #include "rope_table.h"
 #include "sampling.cuh"
@@ -120,6 +121,23 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
     out["dequantized"] = dq.read();
   }
   return out;
+}
+
+// The fused MLP (gemv_mlp.cuh) over int8 or int4 weights (quant 1, 2): "x" is the fp32 residual, which the
+// kernel normalises and adds into, as the model does with its copy and its stream.
+template <typename T> BufferMap mlp_test(const Ctx& c) {
+  const int hidden = c.i("hidden"), inter = c.i("inter"), batch = c.i("batch"), quant = c.i("quant"), group = c.i("group");
+  if (!gemv_mlp_fits(quant, group, hidden, inter)) throw CudaError("kernel test: the fused MLP does not take these shapes");
+  Dev wg(c.buf("w_gate_up")), sg(c.buf("scales_gate_up")), wd(c.buf("w_down")), sd(c.buf("scales_down"));
+  Dev resid(c.buf("x")), gain(c.buf("gain")), y(c.buf("x"));
+  const ProRmsNorm<T> pro{resid.as<float>(), hidden, gain.as<T>(), c.f("eps")};
+  with_weight_format<T>(quant, wg.p, sg.as<half>(), hidden, group, [&](const auto& g) {
+    with_weight_format<T>(quant, wd.p, sd.as<half>(), inter, group, [&](const auto& d) {
+      using G = std::decay_t<decltype(g)>;
+      if constexpr (std::is_same_v<G, Int4W<T>> && std::is_same_v<G, std::decay_t<decltype(d)>>) gemv_mlp<T>(kEager, g, d, hidden, inter, batch, pro, y.as<float>(), hidden);
+    });
+  });
+  return {{"y", y.read()}};
 }
 
 // Q/K/V with RoPE and the cache write: through the fused GEMV epilogue (fused = 1) or, on the prefill
@@ -271,6 +289,7 @@ template <typename T> BufferMap gemv_bench(const Ctx& c) {
 template <typename T> BufferMap dispatch_t(const std::string& name, const Ctx& c) {
   if (name == "gemv") return gemv_test<T>(c);
   if (name == "bench_gemv") return gemv_bench<T>(c);
+  if (name == "mlp") return mlp_test<T>(c);
   if (name == "qkv" || name == "attention") {
     const int hd = c.i("head_dim");
     if (hd != 64 && hd != 128) throw CudaError("kernel test: head size " + std::to_string(hd));

@@ -13,6 +13,7 @@
 #include "elementwise.cuh"
 #include "gemm.h"
 #include "gemv.cuh"
+#include "gemv_mlp.cuh"
 #include "model.h"
 #include "profiler.h"
 #include "rope_table.h"
@@ -340,7 +341,10 @@ template <typename T, int HD> class Runner final : public Model {
     gemv_rows_ = kGemvMmaMaxBatch;
     for (const auto& l : d_.layers)
       for (int cols : {d_.hidden, l.heads * HD, l.inter}) gemv_rows_ = std::min(gemv_rows_, gemv_max_batch(static_cast<int>(d_.quant), d_.group, cols));
+    fused_mlp_ = d_.quant != Quant::None && o_.fused_mlp;
+    for (const auto& l : d_.layers) fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
     resid_ = arena_.device<float>(t * h, "residual stream");
+    if (fused_mlp_) resid_copy_ = arena_.device<float>((size_t)gemv_rows_ * h, "residual stream copy");
     xnorm_ = arena_.device<T>(t * h, "normalised activations");
     qkv_ = arena_.device<T>(t * max_qkv, "QKV products");
     q_ = arena_.device<T>(t * max_heads * HD, "queries");
@@ -535,8 +539,13 @@ template <typename T, int HD> class Runner final : public Model {
         epi.rows = h;
         epi.resid = resid_;
         epi.ld = h;
+        epi.copy = fused_mlp_ ? resid_copy_ : nullptr;
         with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
         prof_.mark(stream_, "gemv o");
+        if (fused_mlp_) {
+          mlp(l, w, ld, n);
+          continue;
+        }
         EpiSiluMul<T> act{ld.inter, act_, ld.inter};
         with_linear(w.gate_up, h, [&](const auto& wg) {
           gemv<T>(l, wg, 2 * ld.inter, h, n, EpiSiluMul<T>::tiles(ld.inter), ProRmsNorm<T>{resid_, h, (const T*)w.post_norm, d_.eps}, act);
@@ -564,6 +573,19 @@ template <typename T, int HD> class Runner final : public Model {
     sample(l, sh.seqs, top_n);
     prof_.mark(stream_, "sampling");
     prof_.end();
+  }
+
+  // The whole MLP of a few rows as one kernel (gemv_mlp.cuh): it normalises the residual's copy and adds
+  // into the stream itself.
+  void mlp(const Launch& l, const LayerWeights& w, const LayerDims& ld, int n) {
+    const ProRmsNorm<T> pro{resid_copy_, d_.hidden, (const T*)w.post_norm, d_.eps};
+    with_linear(w.gate_up, d_.hidden, [&](const auto& wg) {
+      with_linear(w.down, ld.inter, [&](const auto& wd) {
+        using G = std::decay_t<decltype(wg)>;
+        if constexpr (std::is_same_v<G, Int4W<T>> && std::is_same_v<G, std::decay_t<decltype(wd)>>) gemv_mlp<T>(l, wg, wd, d_.hidden, ld.inter, n, pro, resid_, d_.hidden);
+      });
+    });
+    prof_.mark(stream_, "gemv mlp");
   }
 
   void attention(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i) {
@@ -746,7 +768,9 @@ template <typename T, int HD> class Runner final : public Model {
   float* head_logits_ = nullptr;
   std::vector<T*> k_cache_, v_cache_;
 
+  bool fused_mlp_ = false;         // the MLP of GEMV steps as one kernel (allocate_workspace)
   float* resid_;
+  float* resid_copy_ = nullptr;    // the residual as the O projection leaves it, for the fused MLP's norm
   T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_, *dequant_ = nullptr;
   float *logits_, *probs_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
   int *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;

@@ -36,6 +36,7 @@ struct RunnerOptions {
   int max_seqs = 256;         // per step
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool pdl = true;            // programmatic dependent launch between kernels
+  bool fused_mlp = true;      // the MLP of quantized GEMV steps as one kernel (gemv_mlp.cuh)
   bool profile = false;       // time every kernel of eager steps (see profiler.h)
 };
 

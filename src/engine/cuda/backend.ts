@@ -21,6 +21,12 @@ export interface CudaBackendOptions {
   /** Overlap consecutive kernels with programmatic dependent launch (default true; DECIMA_PDL=0). */
   pdl?: boolean;
   /**
+   * Run the MLP of int4 decode steps (up to 8 sequences) as one kernel whose partial sums meet in the
+   * residual stream by atomic additions: faster, but their order, and so the last bits of the logits, vary
+   * from run to run (default true; DECIMA_FUSED_MLP=0 turns it off for bit-reproducible runs).
+   */
+  fusedMlp?: boolean;
+  /**
    * At load, tune and capture the decode graphs of every batch size up to this many sequences (default 1).
    * A server wants them all: a batch size met for the first time costs its GEMMs' tuning and a capture
    * (tens of milliseconds) inside a request.
@@ -115,6 +121,7 @@ export class CudaBackend implements Backend {
         maxSeqs: limits.seqs,
         graphs: opts.graphs ?? process.env.DECIMA_CUDA_GRAPHS !== "0",
         pdl: opts.pdl ?? process.env.DECIMA_PDL !== "0",
+        fusedMlp: opts.fusedMlp ?? process.env.DECIMA_FUSED_MLP !== "0",
         profile: process.env.DECIMA_PROFILE === "1",
       }),
     );

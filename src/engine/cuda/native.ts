@@ -46,6 +46,8 @@ export interface NativeModelOptions {
   maxSeqs: number;
   graphs: boolean;
   pdl: boolean;
+  /** The fused MLP kernel for quantized decode steps (CudaBackendOptions.fusedMlp). */
+  fusedMlp: boolean;
   /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
   profile: boolean;
 
