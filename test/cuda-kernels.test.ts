@@ -240,6 +240,48 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
       });
     }
 
+    // The int4 O projection fused into decode attention (the device's cluster): each sequence's residual row
+    // and its copy gain O times the attention output, rounded to 16 bits as the unfused path stores it.
+    test(`decode attention with the O projection fused in ${dtype}: int4, GQA, several sequences`, () => {
+      const cases = [
+        { heads: 32, kv: 4, hd: 64, hidden: 2048 }, // DeciCoder-1b: two row tiles and four steps per lane
+        { heads: 16, kv: 4, hd: 128, hidden: 1024 },
+        { heads: 8, kv: 4, hd: 64, hidden: 512 }, // one step per KV head; half the warps without a tile
+      ];
+      for (const { heads, kv, hd, hidden } of cases) {
+        const bs = 16, contexts = [1, 17, 300, 1000], seqs = contexts.length;
+        const width = Math.ceil(Math.max(...contexts) / bs), numBlocks = seqs * width;
+        const tables = Int32Array.from(permutation(rng, numBlocks));
+        const queryStarts = Int32Array.from({ length: seqs + 1 }, (_, i) => i);
+        const q = randomHalf(rng, seqs * heads * hd, 1, dtype);
+        const kc = randomHalf(rng, numBlocks * kv * bs * hd, 1, dtype);
+        const vc = randomHalf(rng, numBlocks * kv * bs * hd, 1, dtype);
+        const wo = randomHalf(rng, hidden * heads * hd, 1 / Math.sqrt(heads * hd), dtype);
+        const o = quantized(wo.bytes, hidden, heads * hd, dtype, "int4")!;
+        const resid = randomF32(rng, seqs * hidden, 2);
+        const cache = new KvCache([{ numHeads: heads, numKvHeads: kv, headDim: hd, intermediateSize: 0 }], numBlocks, bs);
+        cache.k[0].set(kc.values);
+        cache.v[0].set(vc.values);
+        const attn = new Float32Array(seqs * heads * hd);
+        const scores = new Float32Array(1024);
+        for (let s = 0; s < seqs; s++) {
+          const seq: SeqRows = { firstRow: s, queryLen: 1, contextLen: contexts[s], blockTable: tables.subarray(s * width, (s + 1) * width) };
+          attention(attn, q.values, seq, cache, 0, scores);
+        }
+        const want = matMul(round(attn, dtype), seqs, { rows: hidden, cols: heads * hd, data: o.values });
+        const out = addon().testKernel(
+          "attention",
+          { q: q.bytes, k_cache: kc.bytes, v_cache: vc.bytes, query_starts: queryStarts, context_lens: Int32Array.from(contexts), block_tables: tables, w_o: o.data, scales_o: o.scales, resid },
+          { dtype: code, heads, kv_heads: kv, head_dim: hd, block_size: bs, seqs, table_width: width, tokens: seqs, prefill: 0, max_query_len: 1, cluster: 0, hidden, group: 128 },
+        );
+        for (const name of ["resid", "copy"]) {
+          const got = f32(out[name]).map((v, i) => v - resid[i]);
+          const err = relErr(got, want);
+          assert.ok(err < tol(dtype), `heads ${heads}/${kv} head ${hd} hidden ${hidden} ${name}: error ${err}`);
+        }
+      }
+    });
+
     test(`embedding, RMSNorm (gathered rows), SiLU x up, cuBLASLt GEMM ${dtype}`, () => {
       const vocab = 300, hidden = 264, n = 7;
       const embed = randomHalf(rng, vocab * hidden, 1, dtype);

@@ -39,11 +39,48 @@ struct DecodeAttnArgs {
 
 template <int HD> constexpr int kv_stride() { return HD + 8; }  // 16-byte rows, spread over banks
 
-template <typename T, int HD> size_t attention_decode_smem(int group, int cluster) {
-  return sizeof(T) * 2 * (size_t)kPartition * kv_stride<HD>()                    // the K and V chunk
-         + sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition      // queries, scores
-                            + (size_t)group * HD + 2 * (size_t)cluster * group   // partials received: sums, (max, sum)
-                            + 3 * group);                                        // per head: max, sum, rescale
+// The O projection fused in (int4 weights on the tensor cores, one sequence per cluster): the cluster of a
+// KV head owns O's columns of its query heads, G x HD of them (whole int4 steps), and each block of it
+// hidden / cluster rows of those. A lane loads its weights into registers on entry, before the wait for the
+// QKV product, so that after the merge only the products and the additions into the residual stream remain:
+// the O product's own kernel (its launch, wait and ramp-up) goes away. Each block needs every head's merged
+// output, so the blocks send their partial sums to every peer, not to a slice's owner. The fp32 additions
+// of the KV heads' clusters arrive in no fixed order (RunnerOptions::fused_o turns this off).
+//
+// Bytes: O's int4 columns of the KV head once per sequence; FLOPs 2 x hidden x heads x HD per sequence.
+// Measured on the 1B shape (BENCHMARKS.md): inside the kernel the O part costs about what the separate
+// product did (about 4 µs in eager launches: the broadcast of every partial sum, the products, the
+// additions), and the blocks (146 registers, weights held through the attention) hold an SM alone, so
+// they cannot start beside the QKV product's. One sequence: no change (0.636-0.647 against 0.643-0.644 ms
+// a step); two: 0.750-0.758 to 0.711-0.713 ms, as the O GEMV costs more with two rows and this does not;
+// four and eight: slower (+3%, +16%), their clusters no longer in one wave. So steps of up to two.
+constexpr int kAttnOMaxSeqs = 2;
+constexpr int kAttnOItems = 8;  // a lane's int4 steps of O: (tiles of 16 rows) x (steps of 128 columns)
+// Whether a KV head's query columns are whole steps that tile a lane's items.
+constexpr bool attn_o_columns(int q_cols) { return q_cols % 128 == 0 && kAttnOItems % (q_cols / 128) == 0; }
+template <typename T> struct AttnOProj {
+  Int4W<T> w;     // O: [hidden][heads x HD]
+  int hidden;
+  float* resid;   // [rows][ld]: gains each query row's product
+  float* copy;    // nullptr, or a copy of the stream that gains it too (the fused MLP reads it)
+  int ld;
+};
+struct NoOProj {};
+
+// Whether the fused O projection takes a layer: int4 on the tensor cores, clusters, whole steps per KV head,
+// whole row tiles per block and no more than kAttnOItems steps per lane.
+inline bool attention_o_fits(int quant, int group, int hidden, int heads, int kv_heads, int hd, int cluster) {
+  const int q_cols = heads / kv_heads * hd, tiles = hidden / cluster / 16;
+  return quant == 2 && gemv_on_tensor_cores(quant, group, heads * hd, 1) && cluster > 1 && attn_o_columns(q_cols) && hidden % (16 * cluster) == 0 &&
+         ceil_div(tiles, kDecodeWarps) * (q_cols / 128) <= kAttnOItems;
+}
+
+template <typename T, int HD> size_t attention_decode_smem(int group, int cluster, bool fused_o) {
+  const size_t received = fused_o ? (size_t)cluster * group * HD : (size_t)group * HD;  // partial sums from the peers
+  return sizeof(T) * 2 * (size_t)kPartition * kv_stride<HD>()                 // the K and V chunk
+         + sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition   // queries, scores
+                            + received + 2 * (size_t)cluster * group          // partials received: sums, (max, sum)
+                            + 3 * group);                                     // per head: max, sum, rescale
 }
 
 // Positions [from, to) of K and V into the chunk's shared-memory rows, counted from `first`.
@@ -60,13 +97,53 @@ __device__ __forceinline__ void copy_kv(T* ks, T* vs, const T* k_cache, const T*
   }
 }
 
+// The fused O projection's lane (g, t) of warp w: its k-th item is step k % steps of the KV head's columns
+// in the block's row tile w + k / steps x kDecodeWarps.
+template <int G, int HD, typename T>
+__device__ __forceinline__ void o_load(const AttnOProj<T>& op, MmaItem (&items)[kAttnOItems], int kv_head, int rank, int cluster) {
+  constexpr int steps = G * HD / MmaInt4<T>::kStep;
+  static_assert(attn_o_columns(G * HD), "whole int4 steps per KV head");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tiles = op.hidden / cluster / 16, row0 = rank * (op.hidden / cluster);
+#pragma unroll
+  for (int k = 0; k < kAttnOItems; k++) {
+    const int tile = warp + k / steps * kDecodeWarps, r = row0 + tile * 16 + (lane >> 2);
+    items[k] = tile < tiles ? mma_item(op.w, r, r + 8, (kv_head * steps + k % steps) * 4 + (lane & 3), op.hidden) : MmaItem{};
+  }
+}
+
+// The block's rows of O times the merged heads (x, in MmaLayout order), added into the query row's stream.
+template <int G, int HD, typename T>
+__device__ __forceinline__ void o_product(const AttnOProj<T>& op, const MmaItem (&items)[kAttnOItems], const T* x, int row, int rank, int cluster) {
+  using M = MmaInt4<T>;
+  constexpr int steps = G * HD / M::kStep;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3, tiles = op.hidden / cluster / 16;
+#pragma unroll
+  for (int k0 = 0; k0 < kAttnOItems; k0 += steps) {
+    const int tile = warp + k0 / steps * kDecodeWarps;
+    if (tile >= tiles) break;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // lane (g, t): rows g and g + 8; all batch columns hold this row's x
+#pragma unroll
+    for (int s = 0; s < steps; s++) mma_accumulate<M>(acc, items[k0 + s], x + s * M::kStep + t * (M::kStep / 4), t);
+    if (t == 0) {
+      const int r = rank * (op.hidden / cluster) + tile * 16 + (lane >> 2);
+      float* dst[2] = {op.resid, op.copy};
+      for (float* d : dst) {
+        if (!d) continue;
+        atomicAdd(d + (size_t)row * op.ld + r, acc[0]);
+        atomicAdd(d + (size_t)row * op.ld + r + 8, acc[2]);
+      }
+    }
+  }
+}
+
 // G: query heads per KV head, a compile-time constant so that the loops over heads unroll. The cluster is
-// gridDim.x blocks wide (1 to kMaxDecodeCluster).
-template <typename T, int HD, int G>
-__global__ void __launch_bounds__(kDecodeThreads)
-    attention_decode_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            T* __restrict__ out, int out_ld, DecodeAttnArgs a) {
+// gridDim.x blocks wide (1 to kMaxDecodeCluster). OP: NoOProj (the output goes to `out`) or AttnOProj.
+template <typename T, int HD, int G, class OP>
+__device__ __forceinline__ void attention_decode_block(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache,
+                                                       const T* __restrict__ v_cache, T* __restrict__ out, int out_ld, const DecodeAttnArgs& a,
+                                                       const OP& op) {
   static_assert(HD % 8 == 0, "16-byte rows");
+  constexpr bool kFusedO = !std::is_same_v<OP, NoOProj>;
   constexpr int kPairs = (G * HD / 2 + kDecodeThreads - 1) / kDecodeThreads;  // (head, dimension pair)s per thread
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);                                   // [kPartition][kv_stride]
@@ -74,11 +151,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* qs = reinterpret_cast<float*>(vs + kPartition * kv_stride<HD>());  // [G][HD], scaled
   float* sc = qs + G * HD;                                                  // [G][kPartition]: scores, then probabilities
   float* recv_o = sc + G * kPartition;                                      // [cluster][slice]: peers' sums for my slice
-  float* recv_ml = recv_o + G * HD;                                         // [cluster][G][2]: peers' (max, sum)
+  float* recv_ml = recv_o + (kFusedO ? gridDim.x : 1) * G * HD;            // [cluster][G][2]: peers' (max, sum)
   float* stats = recv_ml + 2 * gridDim.x * G;                               // [G][3]: running max, running sum, rescale
 
   pdl_launch_dependents();
   const int cluster = gridDim.x, rank = cluster_rank(), g = blockIdx.y, s = a.seqs[blockIdx.z];
+  MmaItem o_items[kFusedO ? kAttnOItems : 1];
+  if constexpr (kFusedO) o_load<G, HD>(op, o_items, g, rank, cluster);
   const int ctx = a.context_lens[s], row = a.query_starts[s], newest = ctx - 1;
   const int* table = a.block_tables + (size_t)s * a.table_width;
   const int span = ceil_div(ctx, cluster), begin = min(ctx, rank * span), end = min(ctx, begin + span);
@@ -160,14 +239,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
   if (begin == end) __syncthreads();  // a block with no positions: its initial statistics
 
   // Push: the output (G x HD values) is cut into one slice per block; each block sends its partial sums
-  // for a slice, and its (max, sum) per head, to the slice's owner.
-  const int slice = G * HD / cluster;
+  // for a slice, and its (max, sum) per head, to the slice's owner. With O fused in, every block owns it all.
+  const int slice = kFusedO ? G * HD : G * HD / cluster;
 #pragma unroll
   for (int k = 0; k < kPairs; k++) {
     const int i = threadIdx.x + k * kDecodeThreads;
     if (i >= G * HD / 2) break;
     const int o = 2 * i;  // h * HD + d
-    *reinterpret_cast<float2*>(cluster_peer(recv_o, o / slice) + rank * slice + o % slice) = acc[k];
+    for (int r = kFusedO ? 0 : o / slice; r <= (kFusedO ? cluster - 1 : o / slice); r++)
+      *reinterpret_cast<float2*>(cluster_peer(recv_o, r) + rank * slice + o % slice) = acc[k];
   }
   for (int i = threadIdx.x; i < G * cluster; i += blockDim.x) {
     const int h = i % G, owner = i / G;
@@ -176,8 +256,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
   cluster_sync();
 
   // Merge my slice: rescale each block's sums to the largest max.
+  T* merged = ks;  // with O fused in: [G x HD] in the tensor-core kernel's order (the K chunk is spent)
   for (int i = threadIdx.x; i < slice; i += blockDim.x) {
-    const int o = rank * slice + i, h = o / HD;
+    const int o = (kFusedO ? 0 : rank * slice) + i, h = o / HD;
     float m = -INFINITY;
     for (int j = 0; j < cluster; j++) m = fmaxf(m, recv_ml[2 * (j * G + h)]);
     float l = 0.f, sum = 0.f;
@@ -186,8 +267,28 @@ __global__ void __launch_bounds__(kDecodeThreads)
       l += w * recv_ml[2 * (j * G + h) + 1];
       sum += w * recv_o[j * slice + i];
     }
-    out[(size_t)row * out_ld + g * G * HD + o] = from_float<T>(sum / l);
+    if constexpr (kFusedO) merged[MmaLayout::at(o)] = from_float<T>(sum / l);
+    else out[(size_t)row * out_ld + g * G * HD + o] = from_float<T>(sum / l);
   }
+  if constexpr (kFusedO) {
+    __syncthreads();
+    o_product<G, HD>(op, o_items, merged, row, rank, cluster);
+  }
+}
+
+template <typename T, int HD, int G>
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            T* __restrict__ out, int out_ld, DecodeAttnArgs a, NoOProj op) {
+  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op);
+}
+
+// With O fused in, a lane holds its O weights (80 registers) through the attention: one block per SM.
+template <typename T, int HD, int G>
+__global__ void __launch_bounds__(kDecodeThreads, 1)
+    attention_decode_o_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                              T* __restrict__ out, int out_ld, DecodeAttnArgs a, AttnOProj<T> op) {
+  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // Blocks per cluster: enough to spread a 1B model's context over the SMs at batch 1 (4 KV heads x 8), and
@@ -197,32 +298,40 @@ inline int decode_cluster() {
   return size;
 }
 
-template <typename T, int HD, int G>
+template <typename T, int HD, int G, class OP>
 void attention_decode_g(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                        const DecodeAttnArgs& a, int cluster) {
-  auto kernel = attention_decode_kernel<T, HD, G>;
-  const size_t smem = attention_decode_smem<T, HD>(G, cluster);
+                        const DecodeAttnArgs& a, int cluster, const OP& op) {
+  auto kernel = [] {
+    if constexpr (std::is_same_v<OP, NoOProj>) return attention_decode_kernel<T, HD, G>;
+    else return attention_decode_o_kernel<T, HD, G>;
+  }();
+  const size_t smem = attention_decode_smem<T, HD>(G, cluster, !std::is_same_v<OP, NoOProj>);
   static size_t configured = 48 * 1024;
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     configured = smem;
   }
   if (cluster > 8) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  launch(l, cluster, kernel, dim3(cluster, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a);
+  launch(l, cluster, kernel, dim3(cluster, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // `cluster` (blocks per sequence and KV head, a power of two up to kMaxDecodeCluster) is the device's
-// choice unless a test picks one.
-template <typename T, int HD>
+// choice unless a test picks one. With an AttnOProj (attention_o_fits) `out` is unused.
+template <typename T, int HD, class OP = NoOProj>
 void attention_decode(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                      const DecodeAttnArgs& a, int cluster = decode_cluster()) {
+                      const DecodeAttnArgs& a, int cluster = decode_cluster(), const OP& op = {}) {
+  auto run = [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    if constexpr (std::is_same_v<OP, NoOProj> || attn_o_columns(G * HD)) attention_decode_g<T, HD, G>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster, op);
+    else throw CudaError("decode attention: the O projection is fused in only for whole int4 steps per KV head (attention_o_fits)");
+  };
   switch (a.heads / a.kv_heads) {
-    case 1: return attention_decode_g<T, HD, 1>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
-    case 2: return attention_decode_g<T, HD, 2>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
-    case 4: return attention_decode_g<T, HD, 4>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
-    case 8: return attention_decode_g<T, HD, 8>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
-    case 16: return attention_decode_g<T, HD, 16>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
-    case 32: return attention_decode_g<T, HD, 32>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster);
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 8: return run(std::integral_constant<int, 8>{});
+    case 16: return run(std::integral_constant<int, 16>{});
+    case 32: return run(std::integral_constant<int, 32>{});
   }
   throw CudaError("decode attention: " + std::to_string(a.heads / a.kv_heads) + " query heads per KV head (1, 2, 4, 8, 16 or 32 are built)");
 }

@@ -89,7 +89,11 @@ template <typename T> struct ProRmsNorm {
   int ld;
   const T* gain;
   float eps;
+  float* copy = nullptr;  // [batch][ld]: where given, the grid's blocks copy resid there, a share each
   template <class L> __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
+    if (copy)
+      for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < batch * cols; i += gridDim.x * blockDim.x)
+        copy[(size_t)(i / cols) * ld + i % cols] = resid[(size_t)(i / cols) * ld + i % cols];
     __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMmaMaxBatch];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = min(rows, batch);

@@ -342,7 +342,11 @@ template <typename T, int HD> class Runner final : public Model {
     for (const auto& l : d_.layers)
       for (int cols : {d_.hidden, l.heads * HD, l.inter}) gemv_rows_ = std::min(gemv_rows_, gemv_max_batch(static_cast<int>(d_.quant), d_.group, cols));
     fused_mlp_ = d_.quant != Quant::None && o_.fused_mlp;
-    for (const auto& l : d_.layers) fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
+    for (const auto& l : d_.layers) {
+      fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
+      fused_o_.push_back(d_.quant != Quant::None && o_.fused_o &&
+                         attention_o_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.heads, l.kv_heads, HD, decode_cluster()));
+    }
     resid_ = arena_.device<float>(t * h, "residual stream");
     if (fused_mlp_) resid_copy_ = arena_.device<float>((size_t)gemv_rows_ * h, "residual stream copy");
     xnorm_ = arena_.device<T>(t * h, "normalised activations");
@@ -510,6 +514,7 @@ template <typename T, int HD> class Runner final : public Model {
     const Launch l = launch_config();
     const int n = sh.tokens, h = d_.hidden;
     const bool small = n <= gemv_rows_;
+    float* const copy = fused_mlp_ ? resid_copy_ : nullptr;  // for the fused MLP's norm: see gemv_mlp.cuh
     const DType dt = d_.dtype;
     prof_.begin(stream_);
     launch(l, embedding_kernel<T>, dim3(n), dim3(256), 0, (const T*)embed_, (const int*)dev_in_.tokens, resid_, h);
@@ -518,10 +523,12 @@ template <typename T, int HD> class Runner final : public Model {
       const LayerDims& ld = d_.layers[i];
       const LayerWeights& w = layers_[i];
       const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
+      const bool fuse_o = small && fused_o_[i] && sh.n_pre == 0 && n <= kAttnOMaxSeqs;  // attention_o
       if (small) {
         EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
         with_linear(w.qkv, h, [&](const auto& wq) {
-          gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps}, epi);
+          const ProRmsNorm<T> pro{resid_, h, (const T*)w.in_norm, d_.eps, fuse_o ? copy : nullptr};
+          gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), pro, epi);
         });
         prof_.mark(stream_, "gemv qkv+rope");
       } else {
@@ -533,15 +540,18 @@ template <typename T, int HD> class Runner final : public Model {
                v_cache_[i], rope_args());
         prof_.mark(stream_, "rope+kv write");
       }
-      attention(l, sh, ld, i);
+      if (fuse_o) attention_o(l, sh, ld, i, w.o, copy);
+      else attention(l, sh, ld, i);
       if (small) {
         EpiResidual epi{};
         epi.rows = h;
         epi.resid = resid_;
         epi.ld = h;
-        epi.copy = fused_mlp_ ? resid_copy_ : nullptr;
-        with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
-        prof_.mark(stream_, "gemv o");
+        epi.copy = copy;  // null wherever the down product below runs
+        if (!fuse_o) {
+          with_linear(w.o, qw, [&](const auto& wo) { gemv<T>(l, wo, h, qw, n, RowsLinear::tiles(h), ProPlain<T>{attn_, qw}, epi); });
+          prof_.mark(stream_, "gemv o");
+        }
         if (fused_mlp_) {
           mlp(l, w, ld, n);
           continue;
@@ -588,12 +598,15 @@ template <typename T, int HD> class Runner final : public Model {
     prof_.mark(stream_, "gemv mlp");
   }
 
+  DecodeAttnArgs decode_args(const LayerDims& ld) const {
+    return {dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
+            o_.block_size, 1.f / std::sqrt((float)HD)};
+  }
+
   void attention(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i) {
     const int qw = ld.heads * HD;
     if (sh.n_dec) {
-      DecodeAttnArgs a{dev_in_.dec_seqs, dev_in_.query_starts, dev_in_.context_lens, dev_in_.block_tables, table_width_, ld.heads, ld.kv_heads,
-                       o_.block_size, 1.f / std::sqrt((float)HD)};
-      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
+      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, decode_args(ld));
       prof_.mark(stream_, "attention decode");
     }
     if (sh.n_pre) {
@@ -602,6 +615,19 @@ template <typename T, int HD> class Runner final : public Model {
       attention_prefill<T, HD>(l, sh.n_pre, sh.max_qlen, q_, qw, k_cache_[i], v_cache_[i], attn_, qw, a);
       prof_.mark(stream_, "attention prefill");
     }
+  }
+
+  // Decode attention with the O projection fused in (attention_decode.cuh), adding into the residual
+  // stream and, for the fused MLP, its copy (which the QKV product's prologue made).
+  void attention_o(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i, const Linear& o, float* copy) {
+    const int qw = ld.heads * HD;
+    with_linear(o, qw, [&](const auto& wo) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(wo)>, Int4W<T>>) {
+        const AttnOProj<T> op{wo, d_.hidden, resid_, copy, d_.hidden};
+        attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
+      }
+    });
+    prof_.mark(stream_, "attention decode + o");
   }
 
   // Logits for each sequence's last row. When every row is its own sequence's last, the final norm fuses
@@ -769,6 +795,7 @@ template <typename T, int HD> class Runner final : public Model {
   std::vector<T*> k_cache_, v_cache_;
 
   bool fused_mlp_ = false;         // the MLP of GEMV steps as one kernel (allocate_workspace)
+  std::vector<bool> fused_o_;      // per layer: decode steps' O projection inside attention (allocate_workspace)
   float* resid_;
   float* resid_copy_ = nullptr;    // the residual as the O projection leaves it, for the fused MLP's norm
   T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_, *dequant_ = nullptr;

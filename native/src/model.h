@@ -36,7 +36,8 @@ struct RunnerOptions {
   int max_seqs = 256;         // per step
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool pdl = true;            // programmatic dependent launch between kernels
-  bool fused_mlp = true;      // the MLP of quantized GEMV steps as one kernel (gemv_mlp.cuh)
+  bool fused_mlp = true;      // the MLP of int4 GEMV steps as one kernel (gemv_mlp.cuh)
+  bool fused_o = true;        // the O projection of int4 decode steps inside decode attention (attention_decode.cuh)
   bool profile = false;       // time every kernel of eager steps (see profiler.h)
 };
 

@@ -48,6 +48,8 @@ export interface NativeModelOptions {
   pdl: boolean;
   /** The fused MLP kernel for quantized decode steps (CudaBackendOptions.fusedMlp). */
   fusedMlp: boolean;
+  /** The O projection inside decode attention for int4 decode steps (CudaBackendOptions.fusedO). */
+  fusedO: boolean;
   /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
   profile: boolean;
 
