@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything decima checks on the GPU machine, in one call of the device tool (few, full calls):
-#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
-#   (profile after quant also profiles the int4 engine)
+#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [fusions] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
+#   (profile after quant also profiles the int4 engine; fusions needs quant's engines)
 # It expects the build from this machine carried along: dist/, build/native/decima.node, .device/ (node),
 # .carry/node_modules (production dependencies). Logs and results go to $OUT.
 set -uo pipefail
@@ -65,6 +65,17 @@ if has quant; then
   node dist/bench/quant-accuracy.js /tmp/dc1b-none /tmp/dc1b-none /tmp/dc1b-int8 /tmp/dc1b-int4 2>&1 | tee "$OUT/quant-accuracy.txt"
   for q in int8 int4; do
     $cli bench --model /tmp/dc1b-$q --device cuda --batch 1 --prompt-len 128 --gen-len 256 | tail -2 | tee -a "$OUT/bench-quant.txt"
+  done
+fi
+
+if has fusions; then
+  step "int4 decode steps with the fused MLP and O projection off, then on, alternated"
+  for r in 1 2; do
+    for off in 1 0; do
+      echo "fusions $([ $off = 1 ] && echo off || echo on), run $r"
+      DECIMA_FUSED_MLP=$((1 - off)) DECIMA_FUSED_O=$((1 - off)) $cli bench --model /tmp/dc1b-int4 --device cuda --batch 1,2,4,8 --prompt-len 128 --gen-len 256 \
+        | tail -4 | tee -a "$OUT/bench-fusions.txt"
+    done
   done
 fi
 
