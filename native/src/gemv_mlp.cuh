@@ -23,9 +23,10 @@
 // row 0.665-0.679 ms).
 //
 // The fp32 additions arrive in no fixed order, so the residual can differ in its last bits from run to run
-// (RunnerOptions::fused_mlp turns the kernel off). The norm reads a copy of the residual that the O
-// projection wrote (EpiResidual::copy): other clusters' additions land in the stream while a block is still
-// reading it.
+// (RunnerOptions::fused_mlp turns the kernel off). The norm reads a copy of the residual, since other
+// clusters' additions land in the stream while a block is still reading it: the O GEMV writes the copy
+// beside the stream (EpiResidual::copy), or, where O is fused into attention, the QKV product's prologue
+// copies the stream and attention adds into both (AttnOProj::copy).
 #pragma once
 #include "cluster.cuh"
 #include "gemv.cuh"
