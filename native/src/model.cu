@@ -593,6 +593,7 @@ template <typename T, int HD> class Runner final : public Model {
       with_linear(w.down, ld.inter, [&](const auto& wd) {
         using G = std::decay_t<decltype(wg)>;
         if constexpr (std::is_same_v<G, Int4W<T>> && std::is_same_v<G, std::decay_t<decltype(wd)>>) gemv_mlp<T>(l, wg, wd, d_.hidden, ld.inter, n, pro, resid_, d_.hidden);
+        else throw CudaError("fused MLP: int4 weights only (gemv_mlp_fits)");
       });
     });
     prof_.mark(stream_, "gemv mlp");
@@ -625,6 +626,8 @@ template <typename T, int HD> class Runner final : public Model {
       if constexpr (std::is_same_v<std::decay_t<decltype(wo)>, Int4W<T>>) {
         const AttnOProj<T> op{wo, d_.hidden, resid_, copy, d_.hidden};
         attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
+      } else {
+        throw CudaError("fused O projection: int4 weights only (attention_o_fits)");
       }
     });
     prof_.mark(stream_, "attention decode + o");
