@@ -129,7 +129,7 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
         { hidden: 256, inter: 512, batch: 3 },
         { hidden: 512, inter: 384, batch: 2 }, // three chunks
         { hidden: 1024, inter: 256, batch: 5 }, // a block's down tiles outnumber its warps
-        { hidden: 2048, inter: 5888, batch: 1 }, // eight gate/up steps per warp, all staged
+        { hidden: 2048, inter: 5888, batch: 1 }, // eight gate/up steps per warp
         { hidden: 2048, inter: 5888, batch: 8 },
       ];
       for (const { hidden, inter, batch } of cases) {
@@ -147,7 +147,7 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
           for (let i = 0; i < inter; i++) act[b * inter + i] = silu(y[b * 2 * inter + i]) * y[b * 2 * inter + inter + i];
         const want = matMul(round(act, dtype), batch, { rows: hidden, cols: inter, data: d.values });
         const inputs = { w_gate_up: g.data, scales_gate_up: g.scales, w_down: d.data, scales_down: d.scales, x: resid, gain: gain.bytes };
-        const params = { dtype: code, hidden, inter, batch, quant: 2, group: 128, eps: 1e-5 };
+        const params = { dtype: code, hidden, inter, batch, group: 128, eps: 1e-5 };
         const out = f32(addon().testKernel("mlp", inputs, params).y);
         const got = out.map((v, i) => v - resid[i]);
         const err = relErr(got, want);

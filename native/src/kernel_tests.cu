@@ -123,20 +123,16 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
   return out;
 }
 
-// The fused MLP (gemv_mlp.cuh) over int8 or int4 weights (quant 1, 2): "x" is the fp32 residual, which the
+// The fused MLP (gemv_mlp.cuh) over int4 weights in groups of `group`: "x" is the fp32 residual, which the
 // kernel normalises and adds into, as the model does with its copy and its stream.
 template <typename T> BufferMap mlp_test(const Ctx& c) {
-  const int hidden = c.i("hidden"), inter = c.i("inter"), batch = c.i("batch"), quant = c.i("quant"), group = c.i("group");
-  if (!gemv_mlp_fits(quant, group, hidden, inter)) throw CudaError("kernel test: the fused MLP does not take these shapes");
+  const int hidden = c.i("hidden"), inter = c.i("inter"), batch = c.i("batch"), group = c.i("group");
+  if (!gemv_mlp_fits(2, group, hidden, inter)) throw CudaError("kernel test: the fused MLP does not take these shapes");
   Dev wg(c.buf("w_gate_up")), sg(c.buf("scales_gate_up")), wd(c.buf("w_down")), sd(c.buf("scales_down"));
   Dev resid(c.buf("x")), gain(c.buf("gain")), y(c.buf("x"));
   const ProRmsNorm<T> pro{resid.as<float>(), hidden, gain.as<T>(), c.f("eps")};
-  with_weight_format<T>(quant, wg.p, sg.as<half>(), hidden, group, [&](const auto& g) {
-    with_weight_format<T>(quant, wd.p, sd.as<half>(), inter, group, [&](const auto& d) {
-      using G = std::decay_t<decltype(g)>;
-      if constexpr (std::is_same_v<G, Int4W<T>> && std::is_same_v<G, std::decay_t<decltype(d)>>) gemv_mlp<T>(kEager, g, d, hidden, inter, batch, pro, y.as<float>(), hidden);
-    });
-  });
+  gemv_mlp<T>(kEager, Int4W<T>::make(wg.as<uint8_t>(), sg.as<half>(), hidden, group), Int4W<T>::make(wd.as<uint8_t>(), sd.as<half>(), inter, group),
+              hidden, inter, batch, pro, y.as<float>(), hidden);
   return {{"y", y.read()}};
 }
 

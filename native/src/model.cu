@@ -589,14 +589,15 @@ template <typename T, int HD> class Runner final : public Model {
   // into the stream itself.
   void mlp(const Launch& l, const LayerWeights& w, const LayerDims& ld, int n) {
     const ProRmsNorm<T> pro{resid_copy_, d_.hidden, (const T*)w.post_norm, d_.eps};
-    with_linear(w.gate_up, d_.hidden, [&](const auto& wg) {
-      with_linear(w.down, ld.inter, [&](const auto& wd) {
-        using G = std::decay_t<decltype(wg)>;
-        if constexpr (std::is_same_v<G, Int4W<T>> && std::is_same_v<G, std::decay_t<decltype(wd)>>) gemv_mlp<T>(l, wg, wd, d_.hidden, ld.inter, n, pro, resid_, d_.hidden);
-        else throw CudaError("fused MLP: int4 weights only (gemv_mlp_fits)");
-      });
-    });
+    gemv_mlp<T>(l, int4(w.gate_up, d_.hidden), int4(w.down, ld.inter), d_.hidden, ld.inter, n, pro, resid_, d_.hidden);
     prof_.mark(stream_, "gemv mlp");
+  }
+
+  // A linear layer as the int4-only fused kernels read it (gemv_mlp_fits and attention_o_fits admit int4
+  // engines alone).
+  Int4W<T> int4(const Linear& lin, int cols) const {
+    if (lin.quant != Quant::Int4) throw CudaError("fused kernels: int4 weights only");
+    return Int4W<T>::make(static_cast<const uint8_t*>(lin.data), lin.scales, cols, d_.group);
   }
 
   DecodeAttnArgs decode_args(const LayerDims& ld) const {
@@ -622,14 +623,8 @@ template <typename T, int HD> class Runner final : public Model {
   // stream and, for the fused MLP, its copy (which the QKV product's prologue made).
   void attention_o(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i, const Linear& o, float* copy) {
     const int qw = ld.heads * HD;
-    with_linear(o, qw, [&](const auto& wo) {
-      if constexpr (std::is_same_v<std::decay_t<decltype(wo)>, Int4W<T>>) {
-        const AttnOProj<T> op{wo, d_.hidden, resid_, copy, d_.hidden};
-        attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
-      } else {
-        throw CudaError("fused O projection: int4 weights only (attention_o_fits)");
-      }
-    });
+    const AttnOProj<T> op{int4(o, qw), d_.hidden, resid_, copy, d_.hidden};
+    attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
     prof_.mark(stream_, "attention decode + o");
   }
 

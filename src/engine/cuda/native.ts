@@ -46,7 +46,7 @@ export interface NativeModelOptions {
   maxSeqs: number;
   graphs: boolean;
   pdl: boolean;
-  /** The fused MLP kernel for quantized decode steps (CudaBackendOptions.fusedMlp). */
+  /** The fused MLP kernel for int4 decode steps (CudaBackendOptions.fusedMlp). */
   fusedMlp: boolean;
   /** The O projection inside decode attention for int4 decode steps (CudaBackendOptions.fusedO). */
   fusedO: boolean;
