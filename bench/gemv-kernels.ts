@@ -2,7 +2,8 @@
 // reaches, for 16-bit, int8 and int4 weights (groups of 128), one and two activation rows, with and
 // without programmatic dependent launch between consecutive launches. Weights rotate over copies larger
 // than L2, and the launches run inside one CUDA graph, as in a decode step. Run on the GPU machine:
-//   node dist/bench/gemv-kernels.js [float16] [--quant]   (--quant: int8 and int4 too, with PDL only)
+//   node dist/bench/gemv-kernels.js [float16] [--quant] [--format NAME]
+//   (--quant: int8 and int4 too, with PDL only; --format: that weight format alone, e.g. int8)
 import { cudaDevice } from "../src/engine/cuda/native.js";
 
 // norm: the product's input is the RMSNorm of the residual stream, built in the kernel's prologue.
@@ -29,6 +30,8 @@ const formats = [
   { name: "int8", quant: 1, bytes: (r: number, c: number) => r * c + r * 2, pdls: [1] },
   { name: "int4", quant: 2, bytes: (r: number, c: number) => (r * c) / 2 + (r * c) / 64, pdls: [1] },
 ].filter((f) => f.quant === 0 || process.argv.includes("--quant"));
+const only = process.argv.indexOf("--format");
+if (only >= 0) formats.splice(0, formats.length, ...formats.filter((f) => f.name === process.argv[only + 1]));
 console.log(["matrix", "weights", "batch", "pdl", "us", "GB/s", "of bw"].map((h) => h.padStart(8)).join(""));
 for (const s of shapes) {
   for (const f of formats) {
