@@ -798,7 +798,10 @@ void gemv_split(const Launch& l, const W& w, int rows, int cols, int batch, int 
 // Which products of `cols` columns and `batch` rows run on the tensor cores, for weights stored as `quant`
 // (model.h's Quant) in groups of `group`: int4 in groups of 128 columns or more (a warp's step is one
 // group), and int8 in multiples of 64 columns (a step) from two rows on (at one row the CUDA-core kernel
-// is faster: int8 step 0.79-0.80 ms against 0.83, BENCHMARKS.md); up to 8 rows, an mma's n.
+// is faster: int8 step 0.79-0.80 ms against 0.83, BENCHMARKS.md); up to 8 rows, an mma's n. Once the
+// CUDA-core kernel walked its items by counters, int8 at two rows and int4 at one ran faster on it alone
+// (most products by 5-20%), but no step did: int8 two rows unchanged, int4 one row 0.633-0.639 to
+// 0.669-0.673 ms, as its fused MLP and O need the tensor-core formats.
 inline bool gemv_on_tensor_cores(int quant, int group, int cols, int batch) {
   if (batch > kGemvMmaMaxBatch) return false;
   return (quant == 2 && group >= 128) || (quant == 1 && cols % 64 == 0 && batch >= 2);
