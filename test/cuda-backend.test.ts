@@ -103,9 +103,16 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
     }
   }
 
-  for (const kind of ["int8", "int4"] as const) {
-    test(`decilm-tiny with ${kind} weights: logits within 1e-2 of the CPU reference on the same quantized weights`, async () => {
-      const config = parseModelConfig(presetConfigJson(PRESETS["decilm-tiny"], "bfloat16"));
+  // decilm-tiny, and one layer of DeciCoder-1b's shape (a small vocabulary and MLP) for int4's fused kernels at
+  // the sizes they were tuned for.
+  const oneLayer1b = { ...PRESETS["decicoder-1b"], numLayers: 1, vocabSize: 1024, intermediateSize: 512 };
+  for (const [kind, name, preset] of [
+    ["int8", "decilm-tiny", PRESETS["decilm-tiny"]],
+    ["int4", "decilm-tiny", PRESETS["decilm-tiny"]],
+    ["int4", "one layer of decicoder-1b", oneLayer1b],
+  ] as const) {
+    test(`${name} with ${kind} weights: logits within 1e-2 of the CPU reference on the same quantized weights`, async () => {
+      const config = parseModelConfig(presetConfigJson(preset, "bfloat16"));
       const dense = await packWeights(float32Source(randomWeights(config, 11), expectedShapes(config)), config, "bfloat16");
       const quant = { kind, groupSize: 128 };
       const weights = { ...dense, layers: dense.layers.map((l, i) => quantizeLayer(l, quant, `layers.${i}`)), lmHead: quantizeHead(dense.lmHead, quant) };
@@ -131,7 +138,7 @@ describe("CUDA backend against the CPU reference", { skip: gpuSkip }, () => {
         worst = Math.max(worst, relErr(g.prefill.logits!.subarray(t * vocab, (t + 1) * vocab), a.prefill.logits!.subarray(t * vocab, (t + 1) * vocab)));
       }
       const one = relErr(g.decode.logits!, a.decode.logits!), six = relErr(g.decode6.logits!, a.decode6.logits!);
-      console.log(`# decilm-tiny ${kind}: worst relative L2 error ${worst.toExponential(2)} (prefill), ${one.toExponential(2)} (decode), ${six.toExponential(2)} (six sequences)`);
+      console.log(`# ${name} ${kind}: worst relative L2 error ${worst.toExponential(2)} (prefill), ${one.toExponential(2)} (decode), ${six.toExponential(2)} (six sequences)`);
       assert.ok(worst < 1e-2, `prefill: ${worst}`);
       assert.ok(one < 1e-2, `decode: ${one}`);
       assert.ok(six < 1e-2, `six sequences: ${six}`);
