@@ -120,7 +120,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     if (o.Get("pdl").IsBoolean()) r.pdl = o.Get("pdl").ToBoolean();
     if (o.Get("fusedMlp").IsBoolean()) r.fused_mlp = o.Get("fusedMlp").ToBoolean();
     if (o.Get("fusedO").IsBoolean()) r.fused_o = o.Get("fusedO").ToBoolean();
-    if (o.Get("fusedQkv").IsBoolean()) r.fused_qkv = o.Get("fusedQkv").ToBoolean();
     if (o.Get("profile").IsBoolean()) r.profile = o.Get("profile").ToBoolean();
     try {
       model_ = decima::create_model(d, r);

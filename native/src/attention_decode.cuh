@@ -61,59 +61,11 @@ constexpr bool attn_o_columns(int q_cols) { return q_cols % 128 == 0 && kAttnOIt
 template <typename T> struct AttnOProj {
   Int4W<T> w;     // O: [hidden][heads x HD]
   int hidden;
-  float* parts;   // [kv_heads][rows][ld]: each KV head's sum over its query heads, for each query row
-  size_t part_stride;  // floats from one KV head's part to the next
+  float* resid;   // [rows][ld]: gains each query row's product
+  float* copy;    // nullptr, or a copy of the stream that gains it too (the fused MLP reads it)
   int ld;
 };
 struct NoOProj {};
-
-// The QKV product fused in ahead of the attention (int4 on the tensor cores, with O fused in too): the
-// cluster of a KV head computes, for its sequence, that KV head's rows of K and V and its query heads' rows
-// of Q ((G + 2) x HD rows in tiles of 8 rotation pairs, dealt to the blocks in turn; mma_tiles, gemv.cuh)
-// from the RMSNorm of the residual row. Q goes to every block's shared memory, K and V into the cache, and
-// one cluster barrier later the attention starts: the QKV product's own kernel (its launch, its wait for the
-// previous kernel, its ramp-up) goes away. The blocks also copy the stream for the fused MLP's norm
-// (gemv_mlp.cuh); with O's sums kept apart (AttnOProj::parts) nothing adds into the stream before the MLP.
-template <typename T> struct AttnQkv {
-  Int4W<T> w;         // [(heads + 2 kv_heads) x HD][hidden]
-  ProRmsNorm<T> pro;  // the residual stream and its copy, [rows][hidden]
-  EpiQkvRope<T> rope;  // the rotation, and K and V into the cache (its q is unused)
-};
-struct NoQkv {};
-
-// The cluster's tiles of the fused QKV matrix: its query heads' Q, then its K, then its V; lane results
-// rotated, the queries scaled into every block's `qs` ([G][HD] fp32), K and V written to the cache. The
-// position's cos and sin and the slot are read before the wait for the previous kernel: fetched per tile,
-// the epilogue's two dependent loads held the block's other warps at each tile's barrier (the kernel took
-// 27.5 µs where attention and the QKV product took 21.8 apart).
-template <typename T> struct EpiQkvCluster {
-  EpiQkvRope<T> rope;
-  int kv_head, group;
-  const float2* cs;  // [HD / 2] in shared memory: the sequence's position's cos and sin
-  int slot;          // where its K and V go
-  float* qs;
-  float scale;
-  int cluster;
-  static __host__ __device__ int tiles(int hd, int group) { return (group + 2) * (hd / 16); }
-  __device__ TileRows tile(int j) const {
-    const int hd = rope.hd, per_head = hd / 16, local = j / per_head, p = (j % per_head) * 8;
-    const int head = local < group ? kv_head * group + local : rope.heads + (local - group) * rope.kv_heads + kv_head;
-    return {head * hd + p, head * hd + p + hd / 2};
-  }
-  __device__ void store(const TileRows& t, int i, int, float lo, float hi) const {
-    const int hd = rope.hd, head = t.lo / hd, p = t.lo % hd + i;
-    float x1, x2;
-    rope.rotate(head, p, [&] { return cs[p]; }, lo, hi, x1, x2);
-    if (head >= rope.heads) return rope.put_kv(head, p, slot, x1, x2);
-    const int at = (head - kv_head * group) * hd + p;
-    const float q1 = round_to<T>(x1) * scale, q2 = round_to<T>(x2) * scale;  // as the attention reads a stored Q
-    for (int r = 0; r < cluster; r++) {
-      float* d = cluster_peer(qs, r);
-      d[at] = q1;
-      d[at + hd / 2] = q2;
-    }
-  }
-};
 
 // Whether the fused O projection takes a layer: int4 on the tensor cores, clusters, whole steps per KV head,
 // whole row tiles per block and no more than kAttnOItems steps per lane.
@@ -123,19 +75,12 @@ inline bool attention_o_fits(int quant, int group, int hidden, int heads, int kv
          ceil_div(tiles, kDecodeWarps) * (q_cols / 128) <= kAttnOItems;
 }
 
-// Whether the fused QKV product takes a layer the fused O projection takes: a whole int4 step per warp at
-// least, its tiles' sums and the normalised row in shared memory.
-inline bool attention_qkv_fits(int hidden, int heads, int kv_heads, int hd) {
-  return hidden % 128 == 0 && hidden <= 8192 && heads % kv_heads == 0 && hd % 16 == 0;
-}
-
-template <typename T, int HD> size_t attention_decode_smem(int group, int cluster, bool fused_o, int qkv_hidden = 0) {
+template <typename T, int HD> size_t attention_decode_smem(int group, int cluster, bool fused_o) {
   const size_t received = fused_o ? (size_t)cluster * group * HD : (size_t)group * HD;  // partial sums from the peers
   return sizeof(T) * 2 * (size_t)kPartition * kv_stride<HD>()                 // the K and V chunk
          + sizeof(float) * ((size_t)group * HD + (size_t)group * kPartition   // queries, scores
                             + received + 2 * (size_t)cluster * group          // partials received: sums, (max, sum)
-                            + 3 * group)                                      // per head: max, sum, rescale
-         + (qkv_hidden ? 16 + sizeof(T) * ((size_t)qkv_hidden + MmaLayout::kPad) : 0);  // the normalised row, 16-byte aligned
+                            + 3 * group);                                     // per head: max, sum, rescale
 }
 
 // Positions [from, to) of K and V into the chunk's shared-memory rows, counted from `first`.
@@ -181,22 +126,24 @@ __device__ __forceinline__ void o_product(const AttnOProj<T>& op, const MmaItem 
     for (int s = 0; s < steps; s++) mma_accumulate<M>(acc, items[k0 + s], x + s * M::kStep + t * (M::kStep / 4), t);
     if (t == 0) {
       const int r = rank * (op.hidden / cluster) + tile * 16 + (lane >> 2);
-      float* dst = op.parts + blockIdx.y * op.part_stride + (size_t)row * op.ld + r;
-      dst[0] = acc[0];
-      dst[8] = acc[2];
+      float* dst[2] = {op.resid, op.copy};
+      for (float* d : dst) {
+        if (!d) continue;
+        atomicAdd(d + (size_t)row * op.ld + r, acc[0]);
+        atomicAdd(d + (size_t)row * op.ld + r + 8, acc[2]);
+      }
     }
   }
 }
 
 // G: query heads per KV head, a compile-time constant so that the loops over heads unroll. The cluster is
-// gridDim.x blocks wide (1 to kMaxDecodeCluster). OP: NoOProj (the output goes to `out`) or AttnOProj; QP:
-// NoQkv (the queries come from `q`) or AttnQkv.
-template <typename T, int HD, int G, class OP, class QP>
+// gridDim.x blocks wide (1 to kMaxDecodeCluster). OP: NoOProj (the output goes to `out`) or AttnOProj.
+template <typename T, int HD, int G, class OP>
 __device__ __forceinline__ void attention_decode_block(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache,
                                                        const T* __restrict__ v_cache, T* __restrict__ out, int out_ld, const DecodeAttnArgs& a,
-                                                       const OP& op, const QP& qp) {
+                                                       const OP& op) {
   static_assert(HD % 8 == 0, "16-byte rows");
-  constexpr bool kFusedO = !std::is_same_v<OP, NoOProj>, kFusedQkv = !std::is_same_v<QP, NoQkv>;
+  constexpr bool kFusedO = !std::is_same_v<OP, NoOProj>;
   constexpr int kPairs = (G * HD / 2 + kDecodeThreads - 1) / kDecodeThreads;  // (head, dimension pair)s per thread
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);                                   // [kPartition][kv_stride]
@@ -208,7 +155,6 @@ __device__ __forceinline__ void attention_decode_block(const T* __restrict__ q, 
   float* stats = recv_ml + 2 * gridDim.x * G;                               // [G][3]: running max, running sum, rescale
 
   pdl_launch_dependents();
-  if constexpr (kFusedQkv) cluster_arrive();
   const int cluster = gridDim.x, rank = cluster_rank(), g = blockIdx.y, s = a.seqs[blockIdx.z];
   MmaItem o_items[kFusedO ? kAttnOItems : 1];
   if constexpr (kFusedO) o_load<G, HD>(op, o_items, g, rank, cluster);
@@ -217,33 +163,9 @@ __device__ __forceinline__ void attention_decode_block(const T* __restrict__ q, 
   const int span = ceil_div(ctx, cluster), begin = min(ctx, rank * span), end = min(ctx, begin + span);
   const int first_end = min(end, begin + kPartition);
   copy_kv<T, HD>(ks, vs, k_cache, v_cache, table, begin, min(first_end, newest), begin, a);
-  if constexpr (kFusedQkv) {
-    __shared__ float4 sums[kDecodeWarps][32];
-    const size_t used = reinterpret_cast<unsigned char*>(stats + 3 * G) - smem_raw;
-    T* xs = reinterpret_cast<T*>(smem_raw + (used + 15) / 16 * 16);  // the normalised row, MmaLayout
-    const int hidden = qp.w.cols, xstride = hidden + MmaLayout::kPad;
-    ProRmsNorm<T> pro = qp.pro;  // this sequence's row
-    pro.resid += (size_t)row * pro.ld;
-    if (pro.copy) pro.copy += (size_t)row * pro.ld;
-    __shared__ float2 cs[HD / 2];
-    const RopeArgs& ra = qp.rope.rope;
-    const int pos = ra.positions[row];
-    for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) cs[i] = ra.table[(size_t)pos * (HD / 2) + i];
-    const EpiQkvCluster<T> epi{qp.rope, g, G, cs, ra.slots[row], qs, a.scale, cluster};
-    const int tiles = EpiQkvCluster<T>::tiles(HD, G), count = rank < tiles ? ceil_div(tiles - rank, cluster) : 0;
-    mma_tiles<T, 4, kDecodeWarps>(qp.w, (a.heads + 2 * a.kv_heads) * HD, hidden, 1, rank, cluster, count, xs, xstride, epi, sums, [&] {
-      pdl_wait();
-      pro.template load<MmaLayout>(xs, 1, xstride, 1, hidden, rank + cluster * g, cluster * a.kv_heads);
-      cluster_wait();  // every peer has started: its queries may be written
-      __syncthreads();
-    });
-    cluster_sync();  // every block's queries in place; the newest K and V in the cache
-  } else {
-    pdl_wait();
-  }
+  pdl_wait();
   if (newest >= begin && newest < first_end) copy_kv<T, HD>(ks, vs, k_cache, v_cache, table, newest, ctx, begin, a);
-  if constexpr (!kFusedQkv)
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i] = to_float(q[(size_t)row * q_ld + g * G * HD + i]) * a.scale;
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i] = to_float(q[(size_t)row * q_ld + g * G * HD + i]) * a.scale;
   if (threadIdx.x < G) {
     stats[3 * threadIdx.x] = -INFINITY;
     stats[3 * threadIdx.x + 1] = 0.f;
@@ -357,16 +279,16 @@ __device__ __forceinline__ void attention_decode_block(const T* __restrict__ q, 
 template <typename T, int HD, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
     attention_decode_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            T* __restrict__ out, int out_ld, DecodeAttnArgs a, NoOProj op, NoQkv qp) {
-  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op, qp);
+                            T* __restrict__ out, int out_ld, DecodeAttnArgs a, NoOProj op) {
+  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // With O fused in, a lane holds its O weights (80 registers) through the attention: one block per SM.
-template <typename T, int HD, int G, class QP>
+template <typename T, int HD, int G>
 __global__ void __launch_bounds__(kDecodeThreads, 1)
     attention_decode_o_kernel(const T* __restrict__ q, int q_ld, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                              T* __restrict__ out, int out_ld, DecodeAttnArgs a, AttnOProj<T> op, QP qp) {
-  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op, qp);
+                              T* __restrict__ out, int out_ld, DecodeAttnArgs a, AttnOProj<T> op) {
+  attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // Blocks per cluster: enough to spread a 1B model's context over the SMs at batch 1 (4 KV heads x 8), and
@@ -376,36 +298,31 @@ inline int decode_cluster() {
   return size;
 }
 
-template <typename T, int HD, int G, class OP, class QP>
+template <typename T, int HD, int G, class OP>
 void attention_decode_g(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                        const DecodeAttnArgs& a, int cluster, const OP& op, const QP& qp) {
+                        const DecodeAttnArgs& a, int cluster, const OP& op) {
   auto kernel = [] {
     if constexpr (std::is_same_v<OP, NoOProj>) return attention_decode_kernel<T, HD, G>;
-    else return attention_decode_o_kernel<T, HD, G, QP>;
+    else return attention_decode_o_kernel<T, HD, G>;
   }();
-  int qkv_hidden = 0;
-  if constexpr (!std::is_same_v<QP, NoQkv>) qkv_hidden = qp.w.cols;
-  const size_t smem = attention_decode_smem<T, HD>(G, cluster, !std::is_same_v<OP, NoOProj>, qkv_hidden);
+  const size_t smem = attention_decode_smem<T, HD>(G, cluster, !std::is_same_v<OP, NoOProj>);
   static size_t configured = 48 * 1024;
   if (smem > configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     configured = smem;
   }
   if (cluster > 8) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  launch(l, cluster, kernel, dim3(cluster, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a, op, qp);
+  launch(l, cluster, kernel, dim3(cluster, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // `cluster` (blocks per sequence and KV head, a power of two up to kMaxDecodeCluster) is the device's
-// choice unless a test picks one. With an AttnOProj (attention_o_fits) `out` is unused; with an AttnQkv
-// (and an AttnOProj; attention_qkv_fits) `q` is unused.
-template <typename T, int HD, class OP = NoOProj, class QP = NoQkv>
+// choice unless a test picks one. With an AttnOProj (attention_o_fits) `out` is unused.
+template <typename T, int HD, class OP = NoOProj>
 void attention_decode(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                      const DecodeAttnArgs& a, int cluster = decode_cluster(), const OP& op = {}, const QP& qp = {}) {
-  static_assert(std::is_same_v<QP, NoQkv> || !std::is_same_v<OP, NoOProj>, "the QKV product is fused in only with O");
+                      const DecodeAttnArgs& a, int cluster = decode_cluster(), const OP& op = {}) {
   auto run = [&](auto group) {
     constexpr int G = decltype(group)::value;
-    if constexpr (std::is_same_v<OP, NoOProj> || attn_o_columns(G * HD))
-      attention_decode_g<T, HD, G>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster, op, qp);
+    if constexpr (std::is_same_v<OP, NoOProj> || attn_o_columns(G * HD)) attention_decode_g<T, HD, G>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster, op);
     else throw CudaError("decode attention: the O projection is fused in only for whole int4 steps per KV head (attention_o_fits)");
   };
   switch (a.heads / a.kv_heads) {

@@ -84,51 +84,24 @@ template <typename T> struct ProPlain {
 
 // Llama's RMSNorm of the fp32 residual stream, rounded once to T: x * rsqrt(mean(x^2) + eps) * gain. Every
 // thread takes a slice of every row, so the loads of all rows leave together and one barrier joins the sums.
-// With kParts, x is resid plus the fused O projection's sums per KV head (attention_decode.cuh), which
-// `fold` then gains, a share per block: the fused MLP adds them into the stream that way, since it reads a
-// copy of the stream while its own additions land there. (Without, the prologue stays a plain load: a loop
-// over no parts in every GEMV's prologue cost about 1 µs each, int8 steps 0.71 to 0.76 ms.)
-template <typename T, bool kParts = false> struct ProRmsNorm {
+template <typename T> struct ProRmsNorm {
   const float* resid;  // [batch][ld]
   int ld;
   const T* gain;
   float eps;
   float* copy = nullptr;  // [batch][ld]: where given, the grid's blocks copy resid there, a share each
-  const float* parts = nullptr;  // [n_parts][batch][ld]
-  int n_parts = 0;
-  size_t part_stride = 0;  // floats from one part to the next
-  float* fold = nullptr;   // [batch][ld]
-  __device__ float4 at(int b, int k) const {
-    float4 v = *reinterpret_cast<const float4*>(resid + (size_t)b * ld + k);
-    if constexpr (kParts) {
-      for (int h = 0; h < n_parts; h++) {
-        const float4 p = *reinterpret_cast<const float4*>(parts + h * part_stride + (size_t)b * ld + k);
-        v.x += p.x, v.y += p.y, v.z += p.z, v.w += p.w;
-      }
-    }
-    return v;
-  }
-  // `share` of `shares`: this block's part of the copy and the fold (the grid's blocks by default).
-  template <class L>
-  __device__ void load(T* xs, int rows, int stride, int batch, int cols, int share = blockIdx.x, int shares = gridDim.x) const {
+  template <class L> __device__ void load(T* xs, int rows, int stride, int batch, int cols) const {
     if (copy)
-      for (int i = share * blockDim.x + threadIdx.x; i < batch * cols; i += shares * blockDim.x)
+      for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < batch * cols; i += gridDim.x * blockDim.x)
         copy[(size_t)(i / cols) * ld + i % cols] = resid[(size_t)(i / cols) * ld + i % cols];
-    if constexpr (kParts) {
-      for (int i = share * blockDim.x + threadIdx.x; i < batch * cols; i += shares * blockDim.x) {
-        const size_t at_i = (size_t)(i / cols) * ld + i % cols;
-        float sum = 0.f;
-        for (int h = 0; h < n_parts; h++) sum += parts[h * part_stride + at_i];
-        atomicAdd(fold + at_i, sum);
-      }
-    }
     __shared__ float part[kGemvWarps * kGemvMaxSplits][kGemvMmaMaxBatch];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = min(rows, batch);
     for (int b = 0; b < n; b++) {
+      const float* r = resid + (size_t)b * ld;
       float ss = 0.f;
       for (int k = threadIdx.x * 4; k < cols; k += blockDim.x * 4) {
-        const float4 v = at(b, k);
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
       ss = warp_sum(ss);
@@ -145,13 +118,14 @@ template <typename T, bool kParts = false> struct ProRmsNorm {
 #pragma unroll
       for (int w = 0; w < (int)(blockDim.x >> 5); w++) ss += part[w][b];
       const float rstd = rsqrtf(ss / cols + eps);
+      const float* r = resid + (size_t)b * ld;
       for (int k = threadIdx.x * 4; k < stride; k += blockDim.x * 4) {
         if (k >= cols) {
 #pragma unroll
           for (int e = 0; e < 4; e++) dst[L::at(k + e)] = from_float<T>(0.f);
           continue;
         }
-        const float4 v = at(b, k);
+        const float4 v = *reinterpret_cast<const float4*>(r + k);
         const float f[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) dst[L::at(k + e)] = from_float<T>(f[e] * rstd * to_float(gain[k + e]));
@@ -159,13 +133,6 @@ template <typename T, bool kParts = false> struct ProRmsNorm {
     }
   }
 };
-
-// `pro` with `n_parts` sums added to its input, which `fold` gains (none: `pro` itself): f(the prologue).
-template <typename T, class F>
-void with_parts(const ProRmsNorm<T>& pro, const float* parts, int n_parts, size_t part_stride, float* fold, F&& f) {
-  if (!n_parts) return f(pro);
-  f(ProRmsNorm<T, true>{pro.resid, pro.ld, pro.gain, pro.eps, pro.copy, parts, n_parts, part_stride, fold});
-}
 
 // ---- weight formats: how 16 bytes of a row become values ----------------------------------------------
 // `load` fetches a row's 16-byte vector v with what it needs beside it (its scale), as a Vec; `dot` adds
@@ -453,32 +420,21 @@ template <typename T> struct EpiQkvRope {
   static int tiles(int hd, int heads, int kv_heads) { return (heads + 2 * kv_heads) * (hd / 16); }
   __device__ void store(const TileRows& t, int i, int b, float lo, float hi) const {
     const int head = t.lo / hd, p = t.lo % hd + i;
-    float x1, x2;
-    rotate(head, p, [&] { return rope.table[(size_t)rope.positions[b] * (hd / 2) + p]; }, lo, hi, x1, x2);
-    if (head < heads) {
-      T* dst = q + (size_t)b * q_ld + head * hd + p;
-      dst[0] = from_float<T>(x1);
-      dst[hd / 2] = from_float<T>(x2);
-    } else {
-      put_kv(head, p, rope.slots[b], x1, x2);
-    }
-  }
-  // Rows p and p + hd/2 of `head` (a head of the fused matrix: Q heads, then K's, then V's), rounded to T as
-  // the unfused path stores them, then rotated (Q and K: by cs(), that position's cos and sin) and left in fp32.
-  template <class CosSin> __device__ void rotate(int head, int p, CosSin cs_of, float lo, float hi, float& x1, float& x2) const {
-    x1 = round_to<T>(lo), x2 = round_to<T>(hi);
+    float x1 = round_to<T>(lo), x2 = round_to<T>(hi);
     if (head < heads + kv_heads) {  // Q and K rotate; V does not
-      const float2 cs = cs_of();
+      const float2 cs = rope.table[(size_t)rope.positions[b] * (hd / 2) + p];
       const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
       x1 = y1;
       x2 = y2;
     }
-  }
-  // A K or V pair into the paged cache at `slot`.
-  __device__ void put_kv(int head, int p, int slot, float x1, float x2) const {
-    const bool is_k = head < heads + kv_heads;
-    const int g = is_k ? head - heads : head - heads - kv_heads;
-    T* dst = (is_k ? k_cache : v_cache) + kv_index(slot, g, kv_heads, block_size, hd) + p;
+    T* dst;
+    if (head < heads) {
+      dst = q + (size_t)b * q_ld + head * hd + p;
+    } else {
+      const bool is_k = head < heads + kv_heads;
+      const int g = is_k ? head - heads : head - heads - kv_heads;
+      dst = (is_k ? k_cache : v_cache) + kv_index(rope.slots[b], g, kv_heads, block_size, hd) + p;
+    }
     dst[0] = from_float<T>(x1);
     dst[hd / 2] = from_float<T>(x2);
   }
@@ -707,36 +663,44 @@ template <class M, typename T> __device__ __forceinline__ void mma_accumulate(fl
   acc[3] = fmaf(c[0][3] + c[1][3], it.s_hi, acc[3]);
 }
 
-// The tensor-core GEMV's walk over a block's tiles, `first`, `first + stride`, ... (`count` of them), shared
-// by gemv_mma_kernel and the QKV product inside decode attention: W warps split each tile's steps and add
-// their sums in a fixed order; loads run P items ahead of use, an item being the warp's k-th step (warp + k x
-// W) of the n-th tile, both walked by counters. `ready` runs between the first P loads and the first use:
-// the wait for the previous kernel and the prologue that fills xs ([batch][xstride], M's layout).
-template <typename T, int P, int W, class F, class Epi, class Ready>
-__device__ __forceinline__ void mma_tiles(const F& w, int rows, int cols, int batch, int first, int stride, int count, const T* xs, int xstride,
-                                          const Epi& epi, float4 (&sums)[W][32], Ready&& ready) {
+// W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
+// products, so that an SM has more loads in flight than one block of 8 warps), and add their sums in a
+// fixed order.
+template <typename T, int P, int W, class F, class Pro, class Epi>
+__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(F w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
   using M = typename MmaOf<F>::type;
+  using L = typename M::Layout;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float4 sums[W][32];  // a warp's tile sums: lane (g, t) rows g and g + 8 of batch rows 2t, 2t + 1
+  const int stride = cols + L::kPad;
+  T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int steps = cols / M::kStep, per_tile = ceil_div(steps, W);  // a warp's steps per tile
+  const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
+  // Loads run P items ahead of use; an item is the warp's k-th step (warp + k x W) of its block's n-th tile
+  // (blockIdx.x + n x gridDim.x), both walked by counters.
   int load_n = 0, load_k = 0;
-  TileRows load_rows = epi.tile(first);
+  TileRows load_rows = epi.tile(blockIdx.x);
   auto load = [&](MmaItem& it) {
     it = MmaItem{};
-    if (load_n >= count) return;
+    if (load_n >= my_tiles) return;
     const int step = warp + load_k * W;
     if (step < steps) it = mma_item(w, load_rows.lo + g, load_rows.hi + g, step * 4 + t, rows);
-    if (++load_k == per_tile) load_k = 0, load_rows = epi.tile(first + ++load_n * stride);
+    if (++load_k == per_tile) load_k = 0, load_rows = epi.tile(blockIdx.x + ++load_n * gridDim.x);
   };
 
   MmaItem buf[P];
 #pragma unroll
   for (int u = 0; u < P; u++) load(buf[u]);
-  ready();
+  pdl_launch_dependents();
+  pdl_wait();
+  pro.template load<L>(xs, batch, stride, batch, cols);
+  __syncthreads();
 
   // The lane's x: batch row g (or the last), its quarter of a step.
-  const T* xrow = xs + (size_t)min(g, batch - 1) * xstride + t * (M::kStep / 4);
+  const T* xrow = xs + (size_t)min(g, batch - 1) * stride + t * (M::kStep / 4);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int items = count * per_tile;
+  const int items = my_tiles * per_tile;
   int n = 0, k = 0;  // the item in use: tile n, step slot k
   for (int j0 = 0; j0 < items; j0 += P) {
 #pragma unroll
@@ -755,7 +719,7 @@ __device__ __forceinline__ void mma_tiles(const F& w, int rows, int cols, int ba
             const float4 o = sums[m][lane];
             v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
           }
-          const TileRows tr = epi.tile(first + n * stride);
+          const TileRows tr = epi.tile(blockIdx.x + n * gridDim.x);
           epi.store(tr, g, 2 * t, v.x, v.z);
           if (2 * t + 1 < batch) epi.store(tr, g, 2 * t + 1, v.y, v.w);
         }
@@ -766,24 +730,6 @@ __device__ __forceinline__ void mma_tiles(const F& w, int rows, int cols, int ba
       }
     }
   }
-}
-
-// W warps per block split a tile's steps (16 where there are no more tiles than SMs, as in the O and down
-// products, so that an SM has more loads in flight than one block of 8 warps).
-template <typename T, int P, int W, class F, class Pro, class Epi>
-__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(F w, int rows, int cols, int batch, int tiles, Pro pro, Epi epi) {
-  using L = typename MmaOf<F>::type::Layout;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float4 sums[W][32];  // a warp's tile sums: lane (g, t) rows g and g + 8 of batch rows 2t, 2t + 1
-  const int stride = cols + L::kPad;
-  T* xs = reinterpret_cast<T*>(smem_raw);
-  const int my_tiles = blockIdx.x < tiles ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
-  mma_tiles<T, P, W>(w, rows, cols, batch, blockIdx.x, gridDim.x, my_tiles, xs, stride, epi, sums, [&] {
-    pdl_launch_dependents();
-    pdl_wait();
-    pro.template load<L>(xs, batch, stride, batch, cols);
-    __syncthreads();
-  });
 }
 
 inline int sm_count() {

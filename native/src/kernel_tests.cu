@@ -124,20 +124,15 @@ template <typename T> BufferMap gemv_test(const Ctx& c) {
 }
 
 // The fused MLP (gemv_mlp.cuh) over int4 weights in groups of `group`: "x" is the fp32 residual, which the
-// kernel normalises and adds into, as the model does with its copy and its stream; with "parts" ([n_parts]
-// [batch][hidden] fp32, the fused O projection's sums), x plus their sum, which the stream gains too.
+// kernel normalises and adds into, as the model does with its copy and its stream.
 template <typename T> BufferMap mlp_test(const Ctx& c) {
   const int hidden = c.i("hidden"), inter = c.i("inter"), batch = c.i("batch"), group = c.i("group");
   if (!gemv_mlp_fits(2, group, hidden, inter)) throw CudaError("kernel test: the fused MLP does not take these shapes");
   Dev wg(c.buf("w_gate_up")), sg(c.buf("scales_gate_up")), wd(c.buf("w_down")), sd(c.buf("scales_down"));
   Dev resid(c.buf("x")), gain(c.buf("gain")), y(c.buf("x"));
-  const int n_parts = c.in.count("parts") ? c.i("n_parts") : 0;
-  Dev parts(n_parts ? c.buf("parts") : Bytes(4));
-  const ProRmsNorm<T> norm{resid.as<float>(), hidden, gain.as<T>(), c.f("eps")};
-  with_parts(norm, parts.as<float>(), n_parts, (size_t)batch * hidden, y.as<float>(), [&](const auto& pro) {
-    gemv_mlp<T>(kEager, Int4W<T>::make(wg.as<uint8_t>(), sg.as<half>(), hidden, group), Int4W<T>::make(wd.as<uint8_t>(), sd.as<half>(), inter, group),
-                hidden, inter, batch, pro, y.as<float>(), hidden);
-  });
+  const ProRmsNorm<T> pro{resid.as<float>(), hidden, gain.as<T>(), c.f("eps")};
+  gemv_mlp<T>(kEager, Int4W<T>::make(wg.as<uint8_t>(), sg.as<half>(), hidden, group), Int4W<T>::make(wd.as<uint8_t>(), sd.as<half>(), inter, group),
+              hidden, inter, batch, pro, y.as<float>(), hidden);
   return {{"y", y.read()}};
 }
 
@@ -181,28 +176,13 @@ template <typename T, int HD> BufferMap attention_test(const Ctx& c) {
   } else {
     DecodeAttnArgs a{list.as<int>(), qs.as<int>(), cl.as<int>(), bt.as<int>(), width, heads, kv, bs, 1.f / std::sqrt((float)HD)};
     const int cluster = c.i("cluster") ? c.i("cluster") : decode_cluster();
-    if (c.in.count("w_o")) {  // the int4 O projection fused in: its sums per KV head, "parts" ([kv][tokens][hidden] fp32)
+    if (c.in.count("w_o")) {  // the int4 O projection fused in: "resid" ([tokens][hidden] fp32) and its copy gain it
       const int hidden = c.i("hidden"), group = c.i("group");
       if (!attention_o_fits(2, group, hidden, heads, kv, HD, cluster)) throw CudaError("kernel test: the fused O projection does not take these shapes");
-      Dev wo(c.buf("w_o")), so(c.buf("scales_o")), parts((size_t)kv * tokens * hidden * 4);
-      const AttnOProj<T> op{Int4W<T>::make(wo.as<uint8_t>(), so.as<half>(), heads * HD, group), hidden, parts.as<float>(), (size_t)tokens * hidden, hidden};
-      if (!c.in.count("w_qkv")) {
-        attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), nullptr, heads * HD, a, cluster, op);
-        return {{"parts", parts.read()}};
-      }
-      // The QKV product fused in too: "resid" ([tokens][hidden] fp32) normalised by "gain"; each sequence's
-      // new K and V go to its slot; the stream's copy comes back as "copy".
-      if (!attention_qkv_fits(hidden, heads, kv, HD)) throw CudaError("kernel test: the fused QKV product does not take these shapes");
-      Dev wq(c.buf("w_qkv")), sq(c.buf("scales_qkv")), resid(c.buf("resid")), gain(c.buf("gain")), pos(c.buf("positions")), slots(c.buf("slots"));
-      Dev copy(resid.bytes);
-      const std::vector<float2> table = rope_table(c.f("theta"), 1.f, HD, c.i("max_pos"));
-      Dev rope(table.size() * sizeof(float2));
-      CUDA_CHECK(cudaMemcpy(rope.p, table.data(), rope.bytes, cudaMemcpyHostToDevice));
-      const EpiQkvRope<T> epi{HD, heads, kv, bs, nullptr, heads * HD, kc.as<T>(), vc.as<T>(), RopeArgs{rope.as<float2>(), pos.as<int>(), slots.as<int>()}};
-      const AttnQkv<T> qp{Int4W<T>::make(wq.as<uint8_t>(), sq.as<half>(), hidden, group),
-                          ProRmsNorm<T>{resid.as<float>(), hidden, gain.as<T>(), c.f("eps"), copy.as<float>()}, epi};
-      attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), nullptr, heads * HD, a, cluster, op, qp);
-      return {{"parts", parts.read()}, {"k_cache", kc.read()}, {"v_cache", vc.read()}, {"copy", copy.read()}};
+      Dev wo(c.buf("w_o")), so(c.buf("scales_o")), resid(c.buf("resid")), copy(c.buf("resid"));
+      const AttnOProj<T> op{Int4W<T>::make(wo.as<uint8_t>(), so.as<half>(), heads * HD, group), hidden, resid.as<float>(), copy.as<float>(), hidden};
+      attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), nullptr, heads * HD, a, cluster, op);
+      return {{"resid", resid.read()}, {"copy", copy.read()}};
     }
     attention_decode<T, HD>(kEager, seqs, q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a, cluster);
   }

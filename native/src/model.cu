@@ -341,21 +341,14 @@ template <typename T, int HD> class Runner final : public Model {
     gemv_rows_ = kGemvMmaMaxBatch;
     for (const auto& l : d_.layers)
       for (int cols : {d_.hidden, l.heads * HD, l.inter}) gemv_rows_ = std::min(gemv_rows_, gemv_max_batch(static_cast<int>(d_.quant), d_.group, cols));
-    // The fused kernels take int4 alone (gemv_mlp_fits, attention_o_fits); O's sums reach the stream through
-    // the fused MLP, so O is fused only beside it.
+    // The fused kernels take int4 weights alone (gemv_mlp_fits, attention_o_fits).
     fused_mlp_ = o_.fused_mlp;
-    int max_kv = 0;
-    for (const auto& l : d_.layers) fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
     for (const auto& l : d_.layers) {
-      const bool o = fused_mlp_ && o_.fused_o &&
-                     attention_o_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.heads, l.kv_heads, HD, decode_cluster());
-      fused_o_.push_back(o);
-      fused_qkv_.push_back(o && o_.fused_qkv && attention_qkv_fits(d_.hidden, l.heads, l.kv_heads, HD));
-      if (o) max_kv = std::max(max_kv, l.kv_heads);
+      fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
+      fused_o_.push_back(o_.fused_o && attention_o_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.heads, l.kv_heads, HD, decode_cluster()));
     }
     resid_ = arena_.device<float>(t * h, "residual stream");
     if (fused_mlp_) resid_copy_ = arena_.device<float>((size_t)gemv_rows_ * h, "residual stream copy");
-    if (max_kv) o_parts_ = arena_.device<float>((size_t)max_kv * gemv_rows_ * h, "O sums per KV head");
     xnorm_ = arena_.device<T>(t * h, "normalised activations");
     qkv_ = arena_.device<T>(t * max_qkv, "QKV products");
     q_ = arena_.device<T>(t * max_heads * HD, "queries");
@@ -531,15 +524,14 @@ template <typename T, int HD> class Runner final : public Model {
       const LayerWeights& w = layers_[i];
       const int qw = ld.heads * HD, rows_qkv = (ld.heads + 2 * ld.kv_heads) * HD;
       const bool fuse_o = small && fused_o_[i] && sh.n_pre == 0 && n <= kAttnOMaxSeqs;  // attention_o
-      const bool fuse_qkv = fuse_o && fused_qkv_[i];
-      if (small && !fuse_qkv) {
+      if (small) {
         EpiQkvRope<T> epi{HD, ld.heads, ld.kv_heads, o_.block_size, q_, qw, k_cache_[i], v_cache_[i], rope_args()};
         with_linear(w.qkv, h, [&](const auto& wq) {
           const ProRmsNorm<T> pro{resid_, h, (const T*)w.in_norm, d_.eps, fuse_o ? copy : nullptr};
           gemv<T>(l, wq, rows_qkv, h, n, EpiQkvRope<T>::tiles(HD, ld.heads, ld.kv_heads), pro, epi);
         });
         prof_.mark(stream_, "gemv qkv+rope");
-      } else if (!small) {
+      } else {
         launch(l, rmsnorm_kernel<T>, dim3(n), dim3(256), 0, (const float*)resid_, (const int*)nullptr, (const T*)w.in_norm, xnorm_, h, d_.eps);
         prof_.mark(stream_, "rmsnorm");
         gemm_.run(stream_, dt, dense(l, w.qkv, h, 0, rows_qkv), xnorm_, qkv_, n, rows_qkv, h, false, false);
@@ -548,7 +540,7 @@ template <typename T, int HD> class Runner final : public Model {
                v_cache_[i], rope_args());
         prof_.mark(stream_, "rope+kv write");
       }
-      if (fuse_o) attention_o(l, sh, ld, i, w, fuse_qkv);
+      if (fuse_o) attention_o(l, sh, ld, i, w.o, copy);
       else attention(l, sh, ld, i);
       if (small) {
         EpiResidual epi{};
@@ -561,7 +553,7 @@ template <typename T, int HD> class Runner final : public Model {
           prof_.mark(stream_, "gemv o");
         }
         if (fused_mlp_) {
-          mlp(l, w, ld, n, fuse_o ? ld.kv_heads : 0);
+          mlp(l, w, ld, n);
           continue;
         }
         EpiSiluMul<T> act{ld.inter, act_, ld.inter};
@@ -593,13 +585,11 @@ template <typename T, int HD> class Runner final : public Model {
     prof_.end();
   }
 
-  // The whole MLP of a few rows as one kernel (gemv_mlp.cuh): it normalises the residual's copy plus the
-  // fused O projection's `o_parts` sums per KV head, if any, and adds into the stream itself, those sums too.
-  void mlp(const Launch& l, const LayerWeights& w, const LayerDims& ld, int n, int o_parts) {
-    const int h = d_.hidden;
-    with_parts(ProRmsNorm<T>{resid_copy_, h, (const T*)w.post_norm, d_.eps}, o_parts_, o_parts, (size_t)gemv_rows_ * h, resid_, [&](const auto& pro) {
-      gemv_mlp<T>(l, int4(w.gate_up, h), int4(w.down, ld.inter), h, ld.inter, n, pro, resid_, h);
-    });
+  // The whole MLP of a few rows as one kernel (gemv_mlp.cuh): it normalises the residual's copy and adds
+  // into the stream itself.
+  void mlp(const Launch& l, const LayerWeights& w, const LayerDims& ld, int n) {
+    const ProRmsNorm<T> pro{resid_copy_, d_.hidden, (const T*)w.post_norm, d_.eps};
+    gemv_mlp<T>(l, int4(w.gate_up, d_.hidden), int4(w.down, ld.inter), d_.hidden, ld.inter, n, pro, resid_, d_.hidden);
     prof_.mark(stream_, "gemv mlp");
   }
 
@@ -629,18 +619,11 @@ template <typename T, int HD> class Runner final : public Model {
     }
   }
 
-  // Decode attention with the O projection fused in (attention_decode.cuh), its sums per KV head left in
-  // o_parts_ for the fused MLP; with `qkv`, the QKV product (and the stream's copy for the MLP) too.
-  void attention_o(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i, const LayerWeights& w, bool qkv) {
-    const int qw = ld.heads * HD, h = d_.hidden;
-    const AttnOProj<T> op{int4(w.o, qw), h, o_parts_, (size_t)gemv_rows_ * h, h};
-    if (qkv) {
-      const EpiQkvRope<T> rope{HD, ld.heads, ld.kv_heads, o_.block_size, nullptr, qw, k_cache_[i], v_cache_[i], rope_args()};
-      const AttnQkv<T> qp{int4(w.qkv, h), ProRmsNorm<T>{resid_, h, (const T*)w.in_norm, d_.eps, resid_copy_}, rope};
-      attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op, qp);
-      prof_.mark(stream_, "qkv + attention decode + o");
-      return;
-    }
+  // Decode attention with the O projection fused in (attention_decode.cuh), adding into the residual
+  // stream and, for the fused MLP, its copy (which the QKV product's prologue made).
+  void attention_o(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i, const Linear& o, float* copy) {
+    const int qw = ld.heads * HD;
+    const AttnOProj<T> op{int4(o, qw), d_.hidden, resid_, copy, d_.hidden};
     attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
     prof_.mark(stream_, "attention decode + o");
   }
@@ -811,10 +794,8 @@ template <typename T, int HD> class Runner final : public Model {
 
   bool fused_mlp_ = false;         // the MLP of GEMV steps as one kernel (allocate_workspace)
   std::vector<bool> fused_o_;      // per layer: decode steps' O projection inside attention (allocate_workspace)
-  std::vector<bool> fused_qkv_;    // per layer: and their QKV product (allocate_workspace)
   float* resid_;
-  float* resid_copy_ = nullptr;    // the stream as the fused MLP's norm reads it (with o_parts_ where O is fused)
-  float* o_parts_ = nullptr;       // [kv_heads][gemv_rows_][hidden]: the fused O projection's sums per KV head
+  float* resid_copy_ = nullptr;    // the residual as the O projection leaves it, for the fused MLP's norm
   T *xnorm_, *qkv_, *q_, *attn_, *gate_up_, *act_, *dequant_ = nullptr;
   float *logits_, *probs_, *cur_logprobs_, *cur_top_lps_, *pen_saved_, *out_logprobs_, *out_top_lps_;
   int *cur_tokens_, *cur_top_ids_, *step_idx_, *out_tokens_, *out_top_ids_;

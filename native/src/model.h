@@ -38,7 +38,6 @@ struct RunnerOptions {
   bool pdl = true;            // programmatic dependent launch between kernels
   bool fused_mlp = true;      // the MLP of int4 GEMV steps as one kernel (gemv_mlp.cuh)
   bool fused_o = true;        // the O projection of int4 decode steps inside decode attention (attention_decode.cuh)
-  bool fused_qkv = true;      // and the QKV product too, where O is fused in (attention_decode.cuh)
   bool profile = false;       // time every kernel of eager steps (see profiler.h)
 };
 

@@ -28,15 +28,10 @@ export interface CudaBackendOptions {
   fusedMlp?: boolean;
   /**
    * Run the O projection of int4 decode steps of one or two sequences inside the decode attention kernel,
-   * its sums per KV head kept apart and added by the fused MLP, which it needs (default true;
-   * DECIMA_FUSED_O=0 turns it off).
+   * its partial sums added into the residual stream by atomic additions like the fused MLP's (default
+   * true; DECIMA_FUSED_O=0 turns it off, with DECIMA_FUSED_MLP=0 for bit-reproducible runs).
    */
   fusedO?: boolean;
-  /**
-   * Where O is fused in, run the QKV product inside the decode attention kernel too (default true;
-   * DECIMA_FUSED_QKV=0 turns it off).
-   */
-  fusedQkv?: boolean;
   /**
    * At load, tune and capture the decode graphs of every batch size up to this many sequences (default 1).
    * A server wants them all: a batch size met for the first time costs its GEMMs' tuning and a capture
@@ -134,7 +129,6 @@ export class CudaBackend implements Backend {
         pdl: opts.pdl ?? process.env.DECIMA_PDL !== "0",
         fusedMlp: opts.fusedMlp ?? process.env.DECIMA_FUSED_MLP !== "0",
         fusedO: opts.fusedO ?? process.env.DECIMA_FUSED_O !== "0",
-        fusedQkv: opts.fusedQkv ?? process.env.DECIMA_FUSED_QKV !== "0",
         profile: process.env.DECIMA_PROFILE === "1",
       }),
     );

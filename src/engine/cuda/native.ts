@@ -50,8 +50,6 @@ export interface NativeModelOptions {
   fusedMlp: boolean;
   /** The O projection inside decode attention for int4 decode steps (CudaBackendOptions.fusedO). */
   fusedO: boolean;
-  /** And the QKV product inside it too (CudaBackendOptions.fusedQkv). */
-  fusedQkv: boolean;
   /** Time every kernel of eager steps and print a table on stderr at close (DECIMA_PROFILE=1). */
   profile: boolean;
 
