@@ -269,15 +269,18 @@ describe("CUDA kernels", { skip: gpuSkip }, () => {
           attention(attn, q.values, seq, cache, 0, scores);
         }
         const want = matMul(round(attn, dtype), seqs, { rows: hidden, cols: heads * hd, data: o.values });
-        const out = addon().testKernel(
-          "attention",
-          { q: q.bytes, k_cache: kc.bytes, v_cache: vc.bytes, query_starts: queryStarts, context_lens: Int32Array.from(contexts), block_tables: tables, w_o: o.data, scales_o: o.scales, resid },
-          { dtype: code, heads, kv_heads: kv, head_dim: hd, block_size: bs, seqs, table_width: width, tokens: seqs, prefill: 0, max_query_len: 1, cluster: 0, hidden, group: 128 },
-        );
-        for (const name of ["resid", "copy"]) {
-          const got = f32(out[name]).map((v, i) => v - resid[i]);
-          const err = relErr(got, want);
-          assert.ok(err < tol(dtype), `heads ${heads}/${kv} head ${hd} hidden ${hidden} ${name}: error ${err}`);
+        // The cluster of several sequences (0: the device's choice), and of one (16).
+        for (const cluster of [0, 16]) {
+          const out = addon().testKernel(
+            "attention",
+            { q: q.bytes, k_cache: kc.bytes, v_cache: vc.bytes, query_starts: queryStarts, context_lens: Int32Array.from(contexts), block_tables: tables, w_o: o.data, scales_o: o.scales, resid },
+            { dtype: code, heads, kv_heads: kv, head_dim: hd, block_size: bs, seqs, table_width: width, tokens: seqs, prefill: 0, max_query_len: 1, cluster, hidden, group: 128 },
+          );
+          for (const name of ["resid", "copy"]) {
+            const got = f32(out[name]).map((v, i) => v - resid[i]);
+            const err = relErr(got, want);
+            assert.ok(err < tol(dtype), `heads ${heads}/${kv} head ${hd} hidden ${hidden} cluster ${cluster} ${name}: error ${err}`);
+          }
         }
       }
     });

@@ -291,11 +291,35 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   attention_decode_block<T, HD, G>(q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
-// Blocks per cluster: enough to spread a 1B model's context over the SMs at batch 1 (4 KV heads x 8), and
-// 8 is the largest size every cluster-capable GPU must schedule. One block where clusters don't exist.
-inline int decode_cluster() {
-  static const int size = device_attribute(cudaDevAttrClusterLaunch) ? 8 : 1;
-  return size;
+// Blocks per cluster in a decode step of `seqs` sequences: 8 from two sequences on, enough to spread a 1B
+// model's contexts over the SMs (4 KV heads x 8 x 2), and the largest size every cluster-capable GPU must
+// schedule. One sequence takes 16 (a non-portable size: attention_decode_g falls back to 8 where the GPU
+// cannot schedule it), its context over twice the SMs. Measured on the H200, a step of one sequence (int4,
+// int8, 16-bit engines; BENCHMARKS.md): 6-8% faster at contexts of 512-768 positions, 7-19% at 1,536-1,792,
+// within 1% at 128-384; two sequences were slower with 16 (int4 16-23%: its fused O's blocks hold an SM
+// each). One block where clusters don't exist.
+inline int decode_cluster(int seqs) {
+  static const bool clusters = device_attribute(cudaDevAttrClusterLaunch) != 0;
+  return !clusters ? 1 : seqs == 1 ? kMaxDecodeCluster : 8;
+}
+
+// Whether the GPU runs `kernel` in clusters of `size` blocks (over 8: non-portable) of `smem` bytes each.
+template <class K> bool clusters_fit(K kernel, int size, size_t smem) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(size);
+  cfg.blockDim = dim3(kDecodeThreads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess;
+  cudaGetLastError();  // a refused size is an answer, not an error
+  return ok && clusters > 0;
 }
 
 template <typename T, int HD, int G, class OP>
@@ -305,21 +329,30 @@ void attention_decode_g(const Launch& l, int num_seqs, const T* q, int q_ld, con
     if constexpr (std::is_same_v<OP, NoOProj>) return attention_decode_kernel<T, HD, G>;
     else return attention_decode_o_kernel<T, HD, G>;
   }();
-  const size_t smem = attention_decode_smem<T, HD>(G, cluster, !std::is_same_v<OP, NoOProj>);
   static size_t configured = 48 * 1024;
-  if (smem > configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    configured = smem;
+  auto configure = [&](int size) {  // the dynamic shared memory of clusters of `size`, allowed once
+    const size_t smem = attention_decode_smem<T, HD>(G, size, !std::is_same_v<OP, NoOProj>);
+    if (smem > configured) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      configured = smem;
+    }
+    return smem;
+  };
+  if (cluster > 8) {
+    static const bool large = clusters_fit(kernel, cluster, configure(cluster));
+    if (!large) cluster = 8;
   }
-  if (cluster > 8) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  const size_t smem = configure(cluster);
   launch(l, cluster, kernel, dim3(cluster, a.kv_heads, num_seqs), dim3(kDecodeThreads), smem, q, q_ld, k_cache, v_cache, out, out_ld, a, op);
 }
 
 // `cluster` (blocks per sequence and KV head, a power of two up to kMaxDecodeCluster) is the device's
-// choice unless a test picks one. With an AttnOProj (attention_o_fits) `out` is unused.
+// choice (decode_cluster) unless a test picks one. With an AttnOProj (attention_o_fits for that size) `out`
+// is unused.
 template <typename T, int HD, class OP = NoOProj>
 void attention_decode(const Launch& l, int num_seqs, const T* q, int q_ld, const T* k_cache, const T* v_cache, T* out, int out_ld,
-                      const DecodeAttnArgs& a, int cluster = decode_cluster(), const OP& op = {}) {
+                      const DecodeAttnArgs& a, int cluster = 0, const OP& op = {}) {
+  if (!cluster) cluster = decode_cluster(num_seqs);
   auto run = [&](auto group) {
     constexpr int G = decltype(group)::value;
     if constexpr (std::is_same_v<OP, NoOProj> || attn_o_columns(G * HD)) attention_decode_g<T, HD, G>(l, num_seqs, q, q_ld, k_cache, v_cache, out, out_ld, a, cluster, op);

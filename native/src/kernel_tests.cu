@@ -175,7 +175,7 @@ template <typename T, int HD> BufferMap attention_test(const Ctx& c) {
     attention_prefill<T, HD>(kEager, seqs, c.i("max_query_len"), q.as<T>(), heads * HD, kc.as<T>(), vc.as<T>(), out.as<T>(), heads * HD, a);
   } else {
     DecodeAttnArgs a{list.as<int>(), qs.as<int>(), cl.as<int>(), bt.as<int>(), width, heads, kv, bs, 1.f / std::sqrt((float)HD)};
-    const int cluster = c.i("cluster") ? c.i("cluster") : decode_cluster();
+    const int cluster = c.i("cluster") ? c.i("cluster") : decode_cluster(seqs);
     if (c.in.count("w_o")) {  // the int4 O projection fused in: "resid" ([tokens][hidden] fp32) and its copy gain it
       const int hidden = c.i("hidden"), group = c.i("group");
       if (!attention_o_fits(2, group, hidden, heads, kv, HD, cluster)) throw CudaError("kernel test: the fused O projection does not take these shapes");

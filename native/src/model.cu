@@ -345,7 +345,10 @@ template <typename T, int HD> class Runner final : public Model {
     fused_mlp_ = o_.fused_mlp;
     for (const auto& l : d_.layers) {
       fused_mlp_ = fused_mlp_ && gemv_mlp_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.inter);
-      fused_o_.push_back(o_.fused_o && attention_o_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.heads, l.kv_heads, HD, decode_cluster()));
+      auto fits = [&](int seqs) {
+        return attention_o_fits(static_cast<int>(d_.quant), d_.group, d_.hidden, l.heads, l.kv_heads, HD, decode_cluster(seqs));
+      };
+      fused_o_.push_back(o_.fused_o && fits(1) && fits(kAttnOMaxSeqs));
     }
     resid_ = arena_.device<float>(t * h, "residual stream");
     if (fused_mlp_) resid_copy_ = arena_.device<float>((size_t)gemv_rows_ * h, "residual stream copy");
@@ -624,7 +627,7 @@ template <typename T, int HD> class Runner final : public Model {
   void attention_o(const Launch& l, const Shape& sh, const LayerDims& ld, size_t i, const Linear& o, float* copy) {
     const int qw = ld.heads * HD;
     const AttnOProj<T> op{int4(o, qw), d_.hidden, resid_, copy, d_.hidden};
-    attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(), op);
+    attention_decode<T, HD>(l, sh.n_dec, q_, qw, k_cache_[i], v_cache_[i], nullptr, qw, decode_args(ld), decode_cluster(sh.n_dec), op);
     prof_.mark(stream_, "attention decode + o");
   }
 
