@@ -66,6 +66,10 @@ if has quant; then
   for q in int8 int4; do
     $cli bench --model /tmp/dc1b-$q --device cuda --batch 1 --prompt-len 128 --gen-len 256 | tail -2 | tee -a "$OUT/bench-quant.txt"
   done
+  step "longer contexts: prompts of 1,536 tokens, then 256 decode steps"
+  for q in none int8 int4; do
+    $cli bench --model /tmp/dc1b-$q --device cuda --batch 1,2 --prompt-len 1536 --gen-len 256 | tail -3 | tee -a "$OUT/bench-long.txt"
+  done
 fi
 
 if has fusions; then

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 // model's contexts over the SMs (4 KV heads x 8 x 2), and the largest size every cluster-capable GPU must
 // schedule. One sequence takes 16 (a non-portable size: attention_decode_g falls back to 8 where the GPU
 // cannot schedule it), its context over twice the SMs. Measured on the H200, a step of one sequence (int4,
-// int8, 16-bit engines; BENCHMARKS.md): 6-8% faster at contexts of 512-768 positions, 7-19% at 1,536-1,792,
+// int8, 16-bit engines; BENCHMARKS.md): 3-8% faster at contexts of 512-768 positions, 7-19% at 1,536-1,792,
 // within 1% at 128-384; two sequences were slower with 16 (int4 16-23%: its fused O's blocks hold an SM
 // each). One block where clusters don't exist.
 inline int decode_cluster(int seqs) {
