@@ -296,8 +296,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 // schedule. One sequence takes 16 (a non-portable size: attention_decode_g falls back to 8 where the GPU
 // cannot schedule it), its context over twice the SMs. Measured on the H200, a step of one sequence (int4,
 // int8, 16-bit engines; BENCHMARKS.md): 3-8% faster at contexts of 512-768 positions, 7-19% at 1,536-1,792,
-// within 1% at 128-384; two sequences were slower with 16 (int4 16-23%: its fused O's blocks hold an SM
-// each). One block where clusters don't exist.
+// within 1% at 128-384; two sequences were slower with 16 (int4 13-22%, as its fused O's blocks hold an SM
+// each; 16-bit 3-5%; int8 within 4% either way). One block where clusters don't exist.
 inline int decode_cluster(int seqs) {
   static const bool clusters = device_attribute(cudaDevAttrClusterLaunch) != 0;
   return !clusters ? 1 : seqs == 1 ? kMaxDecodeCluster : 8;
