@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything decima checks on the GPU machine, in one call of the device tool (few, full calls):
-#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [fusions] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
-#   (profile after quant also profiles the int4 engine; fusions needs quant's engines)
+#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [fusions] [calls] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
+#   (profile after quant also profiles the int4 engine; fusions and calls need quant's engines)
 # It expects the build from this machine carried along: dist/, build/native/decima.node, .device/ (node),
 # .carry/node_modules (production dependencies). Logs and results go to $OUT.
 set -uo pipefail
@@ -79,6 +79,16 @@ if has fusions; then
       echo "fusions $([ $off = 1 ] && echo off || echo on), run $r"
       DECIMA_FUSED_MLP=$((1 - off)) DECIMA_FUSED_O=$((1 - off)) $cli bench --model /tmp/dc1b-int4 --device cuda --batch 1,2,4,8 --prompt-len 128 --gen-len 256 \
         | tail -4 | tee -a "$OUT/bench-fusions.txt"
+    done
+  done
+fi
+
+if has calls; then
+  step "the host's turn between backend calls: int4 one-row steps at 1 to 16 decode steps a call"
+  for r in 1 2; do
+    for k in 1 2 4 8 16; do
+      echo "$k steps a call, run $r: $($cli bench --model /tmp/dc1b-int4 --device cuda --batch 1 --prompt-len 128 --gen-len 256 --decode-steps $k --json \
+        | python3 -c "import sys, json; print('%.4f ms' % json.load(sys.stdin)['rows'][0]['stepMs'])")" | tee -a "$OUT/bench-calls.txt"
     done
   done
 fi
