@@ -37,6 +37,8 @@ class SimulatedDevice implements Backend {
   readonly description = "simulated device";
   readonly weightBytes = 0;
   readonly maxSteps = 64;
+  /** One step at a time, as the CUDA backend runs them. */
+  readonly continues = false;
   readonly maxBatchTokens = 2048;
   readonly maxBatchSeqs = 256;
   readonly kv = { blockSize: 16, numBlocks: 8192 };

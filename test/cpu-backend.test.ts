@@ -235,6 +235,28 @@ describe("CPU backend: step results", () => {
     assert.equal(all.logits!.length, 3 * vocab);
   });
 
+  it("continues a decode call with the tokens it sampled last, asked for before its result is back", async () => {
+    const backend = await backendFor(config);
+    const seqs: Seq[] = [
+      { tokens: prompt.slice(0, 5), blocks: [0, 1, 2, 3], temperature: 1, seed: 3 },
+      { tokens: prompt.slice(5, 8), blocks: [4, 5, 6, 7] },
+    ];
+    const first = await backend.step(batchOf(seqs));
+    const at = (k: number, tokens: number[]) =>
+      batchOf(seqs.map((s, i) => ({ ...s, tokens: [tokens[i]], past: s.tokens.length + k, counter: k + 1 })));
+    const explicit = await backend.step({ ...at(0, [...first.tokens]), steps: 6 });
+    const [head, tail] = await Promise.all([
+      backend.step({ ...at(0, [...first.tokens]), steps: 2 }),
+      backend.step({ ...at(2, [0, 0]), steps: 4, continues: true }),
+    ]);
+    assert.deepEqual([...head.tokens, ...tail.tokens], [...explicit.tokens]);
+    // Nothing to continue after a prefill, or from a decode call of other sequences.
+    await backend.step(batchOf(seqs));
+    await assert.rejects(backend.step({ ...at(0, [0, 0]), continues: true }), /must follow a decode step of as many/);
+    await backend.step(at(0, [...first.tokens]));
+    await assert.rejects(backend.step({ ...batchOf([{ tokens: [0], past: 5, blocks: [0, 1] }]), continues: true }), /of 1 sequences/);
+  });
+
   it("samples each sequence with its own penalties and history", async () => {
     const backend = await backendFor(config);
     const seqs: Seq[] = [
@@ -284,6 +306,7 @@ describe("CPU backend: bad batches", () => {
     ["a negative temperature", (b) => (b.sampling.temperature[0] = -1), /sampling\.temperature\[0\] = -1 must be >= 0/],
     ["a NaN penalty", (b) => (b.sampling.presencePenalty[0] = NaN), /presencePenalty\[0\] = NaN must be finite/],
     ["too many top log-probs", (b) => (b.sampling.topLogprobs = 97), /sampling\.topLogprobs = 97/],
+    ["a continuing batch with a prefill", (b) => (b.continues = true), /a continuing batch needs one new token per sequence/],
     [
       "a history token outside the vocabulary",
       (b) => {

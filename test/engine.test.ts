@@ -120,6 +120,42 @@ describe("Engine", () => {
     assert.ok(many.calls < one.calls / 3, `${many.calls} calls instead of ${one.calls}`);
   });
 
+  it("queues the next decode call before the last one's tokens are back, with the same events as without", async () => {
+    const prompts = [promptOf(9, 1), promptOf(30, 2), promptOf(17, 3)];
+    const requests = prompts.map((prompt, i) => ({ prompt, maxTokens: 18 + 5 * i, temperature: i === 2 ? 0.8 : 0, seed: 5, ...noEos }));
+    /** What a consumer sees, timings aside. */
+    const seen = (events: GenerateEvent[]) => events.map((e) => (e.type === "done" ? [e.finishReason, e.tokens, e.text] : e));
+    const run = async (asyncScheduling: boolean) => {
+      const { engine, backend } = await tinyEngine({ asyncScheduling, decodeSteps: 4, maxCallMs: 1e9 });
+      const plain = await Promise.all(requests.map((r) => collect(engine, r)));
+      // The first request again, ended by a stop token and then by a stop string in the middle of a call,
+      // with calls for it already queued; the others go on.
+      const tokens = doneOf(plain[0]).tokens;
+      const text = doneOf(plain[0]).text;
+      const stopped = await Promise.all([
+        collect(engine, { ...requests[0], stopTokenIds: [tokens[6]] }),
+        collect(engine, { ...requests[0], stop: [text.slice(-6, -3)] }),
+        ...requests.slice(1).map((r) => collect(engine, r)),
+      ]);
+      assertPoolEmpty(engine);
+      // A failed call fails its requests, with the call queued behind it; the engine keeps serving.
+      backend.failWhen = (batch) => batch.steps === 4 && !batch.continues;
+      await assert.rejects(engine.complete(requests[1]), /injected backend failure/);
+      backend.failWhen = null;
+      assertPoolEmpty(engine);
+      const after = await collect(engine, requests[1]);
+      await engine.close();
+      const reasons = stopped.slice(0, 2).map((events) => doneOf(events).finishReason);
+      return { events: [...plain, ...stopped, after].map(seen), reasons, continued: backend.batches.filter((b) => b.continues).length };
+    };
+    const sync = await run(false);
+    const queued = await run(true);
+    assert.deepEqual(queued.events, sync.events);
+    assert.equal(sync.continued, 0);
+    assert.ok(queued.continued > 5, `${queued.continued} continuing calls`);
+    assert.deepEqual(queued.reasons, ["stop", "stop"]);
+  });
+
   it("reproduces seeded sampling, alone or batched with others", async () => {
     const { engine } = await tinyEngine();
     const request = { prompt: promptOf(12, 5), maxTokens: 16, temperature: 1.2, topP: 0.95, seed: 1234, ...noEos };

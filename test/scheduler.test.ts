@@ -205,8 +205,37 @@ describe("Scheduler", () => {
     assert.equal(seq.blocks!.table.length, 16);
   });
 
+  it("continues a decode call in flight with the same sequences, further on, within their budgets", () => {
+    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, continues: true };
+    const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 6 }, limits);
+    const a = seqOf(promptOf(5, 1), { maxTokens: 14 });
+    const b = seqOf(promptOf(3, 2), { maxTokens: 30, temperature: 1 });
+    s.add(a);
+    s.add(b);
+    const prefill = s.schedule()!;
+    assert.equal(s.continuation(prefill), null, "a prefill is not continued");
+    complete(s, prefill);
+    const first = s.schedule()!;
+    assert.equal(first.batch.steps, 6);
+    assert.equal(first.batch.continues, false);
+    const next = s.continuation(first)!;
+    assert.equal(next.batch.continues, true);
+    assert.deepEqual(next.seqs, [a, b]);
+    assert.equal(next.batch.steps, 6);
+    assert.deepEqual([...next.batch.contextLens], [5 + 6 + 1, 3 + 6 + 1]);
+    assert.deepEqual([...next.batch.sampling.counter], [1 + 6, 1 + 6]);
+    assert.deepEqual([...next.batch.sample], [1, 1]);
+    assert.ok(next.batch.blockTableWidth >= Math.ceil((5 + 6 + 6) / 4));
+    // The first call's result: a has 13 tokens to go after its first, 6 of them in the call now in flight.
+    for (const seq of [a, b]) for (let k = 0; k < 6; k++) complete(s, { ...first, seqs: [seq], queryLens: [1] });
+    assert.equal(s.continuation(next)!.batch.steps, 1, "a's last token");
+    // Nobody waiting, nobody ended: otherwise the next call is scheduled afresh.
+    s.add(seqOf(promptOf(4, 3)));
+    assert.equal(s.continuation(next), null, "a request waits");
+  });
+
   it("bounds a multi-step call by the measured time per decode step", () => {
-    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16 };
+    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, continues: false };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 16, maxCallMs: 10 }, limits);
     const seq = seqOf(promptOf(4, 1), { maxTokens: 50 });
     s.add(seq);

@@ -66,6 +66,9 @@ export class SpyBackend implements Backend {
   get maxSteps() {
     return this.inner.maxSteps;
   }
+  get continues() {
+    return this.inner.continues;
+  }
   get weightBytes() {
     return this.inner.weightBytes;
   }

@@ -17,9 +17,15 @@ export interface Backend {
   readonly weightBytes: number;
   /** Most decode steps one call may run back to back (StepBatch.steps). */
   readonly maxSteps: number;
+  /** Whether it runs batches that continue the step asked for before them (StepBatch.continues). */
+  readonly continues: boolean;
   /** Most new tokens, and most sequences, one step may carry (the device's workspace is sized for them). */
   readonly maxBatchTokens: number;
   readonly maxBatchSeqs: number;
+  /**
+   * Run a step. Steps run in the order they are asked for, and the next may be asked for before this one's
+   * result is back (a decode call queued behind the one in flight: see StepBatch.continues).
+   */
   step(batch: StepBatch): Promise<StepResult>;
   close(): Promise<void>;
 }
@@ -60,6 +66,12 @@ export interface StepBatch {
    * steps run without the host in between, which is what makes small-batch decode fast.
    */
   steps?: number;
+  /**
+   * The batch continues the step asked for just before it, a decode batch of the same sequences in the same
+   * order: each sequence's input is the token that step sampled last for it (`tokens` is ignored), so this
+   * call can be queued before that result is back. Such a batch follows the same rules as `steps` > 1.
+   */
+  continues?: boolean;
 }
 
 /** One sequence's sampling rule, as the runtime and the CPU sampler hold it (SamplingBatch says what each means). */

@@ -1,3 +1,4 @@
+import { fail } from "../errors.js";
 import type { StepBatch, StepResult } from "./backend.js";
 
 /**
@@ -30,4 +31,41 @@ export async function runSteps(batch: StepBatch, stepOnce: (b: StepBatch) => Pro
     };
   }
   return out;
+}
+
+/**
+ * StepBatch.continues for a backend without a device-side loop: calls run one after another in the order
+ * asked for, and a continuing batch's inputs are the tokens the call before it sampled last. The CUDA
+ * backend keeps those tokens on the GPU instead; this is its spec.
+ */
+export class StepSequence {
+  private tail: Promise<unknown> = Promise.resolve();
+  /** The tokens the last call sampled at its last step, when it was a decode batch (one per sequence). */
+  private last: Int32Array | null = null;
+
+  /** `validate` refuses a batch the backend cannot run (validateBatch), before its continuity is checked. */
+  constructor(
+    private readonly validate: (batch: StepBatch) => void,
+    private readonly run: (batch: StepBatch) => Promise<StepResult>,
+  ) {}
+
+  step(batch: StepBatch): Promise<StepResult> {
+    const result = this.tail.then(() => this.next(batch));
+    this.tail = result.catch(() => undefined);
+    return result;
+  }
+
+  private async next(batch: StepBatch): Promise<StepResult> {
+    const last = this.last;
+    this.last = null;
+    this.validate(batch);
+    const n = batch.contextLens.length;
+    if (batch.continues && last?.length !== n) {
+      fail("input", `step batch: a continuing batch of ${n} sequences must follow a decode step of as many`);
+    }
+    const result = await this.run(batch.continues ? { ...batch, tokens: last! } : batch);
+    const decode = batch.tokens.length === n && batch.sample.every((v) => v === 1) && (batch.returnLogits ?? "none") === "none";
+    if (decode) this.last = result.tokens.slice(result.tokens.length - n);
+    return result;
+  }
 }

@@ -30,15 +30,16 @@ export function validateBatch(batch: StepBatch, config: ModelConfig, kv: KvCache
   checkSampling(batch.sampling, sample, config.vocabSize);
 }
 
-/** Several steps at once are for plain decode batches only (see StepBatch.steps). */
+/** Several steps at once, and continuing batches, are for plain decode batches only (see StepBatch.steps). */
 function checkSteps(batch: StepBatch, maxSteps: number): void {
   const steps = batch.steps ?? 1;
   if (!Number.isInteger(steps) || steps < 1 || steps > maxSteps) bad(`steps = ${steps} must be an integer in 1..${maxSteps}`);
-  if (steps === 1) return;
-  if (batch.tokens.length !== batch.contextLens.length) bad(`steps = ${steps} needs one new token per sequence`);
-  if ((batch.returnLogits ?? "none") !== "none") bad(`steps = ${steps} cannot return logits`);
-  if (batch.sample.some((v) => v !== 1)) bad(`steps = ${steps} needs every sequence to sample`);
-  if (batch.sampling.history.length > 0) bad(`steps = ${steps} cannot apply penalties`);
+  if (steps === 1 && !batch.continues) return;
+  const what = batch.continues ? "a continuing batch" : `steps = ${steps}`;
+  if (batch.tokens.length !== batch.contextLens.length) bad(`${what} needs one new token per sequence`);
+  if ((batch.returnLogits ?? "none") !== "none") bad(`${what} cannot return logits`);
+  if (batch.sample.some((v) => v !== 1)) bad(`${what} needs every sequence to sample`);
+  if (batch.sampling.history.length > 0) bad(`${what} cannot apply penalties`);
 }
 
 function checkSequence(batch: StepBatch, i: number, config: ModelConfig, kv: KvCacheShape): void {

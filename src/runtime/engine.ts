@@ -117,6 +117,13 @@ interface Taken {
   promptDone: boolean;
 }
 
+/** A step asked of the backend; `started`: when it launched, or when the call ahead of it ended. */
+interface InFlight {
+  step: ScheduledStep;
+  result: Promise<StepResult>;
+  started: number;
+}
+
 interface Request {
   seq: Sequence;
   events: EventChannel<GenerateEvent>;
@@ -303,55 +310,78 @@ export class Engine {
   }
 
   /**
-   * The loop runs a step ahead of the events: when a step's result comes, its tokens go into their
-   * sequences (cheap: all the next step needs, including who ended on a stop token or the length), the next
-   * step is launched, and only then are the tokens detokenized into events, while the device computes; the
-   * consumers (streams, HTTP writes) run during that step too. A sequence that a stop string ends then is
-   * in the step already launched: its token from that step is dropped, and the blocks it frees now are
-   * written by that step alone before anyone can be given them (the next schedule waits for the step).
+   * The loop keeps the device busy and runs ahead of the events. When a step's result comes, its tokens go
+   * into their sequences (cheap: all the next step needs, including who ended on a stop token or the
+   * length), the next steps are launched, and only then are the tokens detokenized into events, while the
+   * device computes; the consumers (streams, HTTP writes) run during that step too. With async scheduling a
+   * decode call is queued behind the one in flight before its tokens are back (Scheduler.continuation), so
+   * up to two are in flight. A sequence that ends (a stop token, a stop string, a failure) may thus be in
+   * steps launched already: their tokens for it are dropped, and the blocks it frees now are written by those
+   * steps alone before anyone else uses them, as backends run steps in the order asked for.
    */
   private async loop(): Promise<void> {
-    let running = this.launch();
+    const inFlight: InFlight[] = [];
     for (;;) {
-      if (!running) {
+      this.refill(inFlight);
+      const call = inFlight.shift();
+      if (!call) {
         if (this.closed) return;
         await new Promise<void>((resolve) => (this.wake = resolve));
-        running = this.launch();
         continue;
       }
       // A backend computing on the main thread (the CPU one) settles its step without the event loop
       // turning; awaiting this turn lets I/O (new requests, streamed writes) in between such steps. A
       // device's step spans turns anyway, so there it costs nothing.
       const turn = new Promise((resolve) => setImmediate(resolve));
-      const { step, launched } = running;
+      const { step } = call;
       let result: StepResult;
       try {
-        result = await running.result;
+        result = await call.result;
       } catch (err) {
-        // Only this batch's requests fail; the engine goes on serving the others.
+        // Only this batch's requests fail (and a call queued behind it, on the same sequences, with them);
+        // the engine goes on serving the others.
         for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, err);
         await turn;
-        running = this.launch();
         continue;
       }
-      this.scheduler.observe(step, performance.now() - launched);
+      const now = performance.now();
+      this.scheduler.observe(step, now - call.started);
+      if (inFlight[0]) inFlight[0].started = now; // a queued call starts on the device as this one ends
       await turn;
       const taken = this.commit(step, result);
-      running = this.launch();
+      this.refill(inFlight);
       for (const seq of step.seqs) this.scheduler.cache(seq);
       this.emit(taken, result, step.batch.sampling.topLogprobs);
     }
   }
 
   /**
-   * End what was cancelled (no step is in flight here), then start the next step, if there is work and the
-   * engine is not closing.
+   * Start the next step when none is in flight (if there is work and the engine is not closing), then queue
+   * the call that continues the last one in flight, when it can be known already.
    */
-  private launch(): { step: ScheduledStep; result: Promise<StepResult>; launched: number } | null {
-    if (this.closed) return null;
+  private refill(inFlight: InFlight[]): void {
+    if (this.closed) return;
+    if (inFlight.length === 0) {
+      const step = this.schedule();
+      if (step) inFlight.push(this.launch(step));
+    }
+    if (inFlight.length === 1) {
+      const next = this.scheduler.continuation(inFlight[0].step);
+      if (next) inFlight.push(this.launch(next));
+    }
+  }
+
+  /** End what was cancelled (no step is in flight here), then the next step's work, if any. */
+  private schedule(): ScheduledStep | null {
     for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
-    const step = this.scheduler.schedule();
-    return step && { step, launched: performance.now(), result: this.run(step.batch) };
+    return this.scheduler.schedule();
+  }
+
+  private launch(step: ScheduledStep): InFlight {
+    const result = this.run(step.batch);
+    // A queued call can fail before the loop awaits it (its predecessor failed): the loop sees it then.
+    result.catch(() => undefined);
+    return { step, started: performance.now(), result };
   }
 
   /** backend.step, with a synchronous throw turned into a rejection. */
@@ -369,7 +399,7 @@ export class Engine {
     const n = step.seqs.length;
     const taken: Taken[] = [];
     step.seqs.forEach((seq, i) => {
-      if (seq.finishReason !== null) return; // a stop string ended it after this step was launched
+      if (seq.finishReason !== null) return; // it ended after this step was launched (a stop, or a failure)
       // Prompt logits belong to positions computed.., so they are taken before commit() moves it on.
       const promptDone = seq.inPrefill && seq.computed + step.queryLens[i] === seq.promptLen;
       if (seq.inPrefill && result.logits && seq.needsPromptLogits) {
@@ -378,7 +408,7 @@ export class Engine {
       if (promptDone) this.promptTokensTotal += seq.promptLen;
       // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
       // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped; a cancelled
-      // sequence is ended by the next launch().
+      // sequence is ended by the next schedule().
       const at: number[] = [];
       for (let k = 0; k < steps && seq.finishReason === null && !seq.cancelled; k++) {
         this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);

@@ -1,4 +1,4 @@
-import type { KvCacheShape, SamplingBatch, StepBatch } from "../engine/backend.js";
+import type { Backend, KvCacheShape, SamplingBatch, StepBatch } from "../engine/backend.js";
 import { fail } from "../errors.js";
 import type { ModelConfig } from "../model/config.js";
 import { BlockManager } from "./block-manager.js";
@@ -17,9 +17,16 @@ export interface SchedulerOptions {
   decodeSteps?: number;
   /**
    * The longest a multi-step call may run, in milliseconds (default 10): a request that arrives during one
-   * waits that long at most for its prefill to start. Steps are counted from the measured time per step.
+   * waits that long at most for its prefill to start (twice that with async scheduling, which may have
+   * queued the next call already). Steps are counted from the measured time per step.
    */
   maxCallMs?: number;
+  /**
+   * Queue the next decode call behind the one in flight, before its tokens are back (default true, where the
+   * backend can: Backend.continues), so the device does not wait for the host between calls; tokens it
+   * computes past a stop are dropped.
+   */
+  asyncScheduling?: boolean;
   /** The most requests waiting for admission; past it new ones are refused at once (default 256). */
   maxWaiting?: number;
   /** Reuse the KV blocks of earlier prompts' common prefixes (default true). */
@@ -52,15 +59,21 @@ export class Scheduler {
   private readonly maxWaiting: number;
   private readonly decodeSteps: number;
   private readonly maxCallMs: number;
+  private readonly asyncScheduling: boolean;
   /** Measured milliseconds per decode step (a moving average over decode-only calls); 0 until measured. */
   private msPerStep = 0;
 
-  /** `limits`: what the backend can take in one call (Backend's maxBatchTokens, maxBatchSeqs, maxSteps). */
+  /** `limits`: what the backend can take (Backend's maxBatchTokens, maxBatchSeqs, maxSteps, continues). */
   constructor(
     private readonly config: ModelConfig,
     kv: KvCacheShape,
     opts: SchedulerOptions = {},
-    limits: { maxBatchTokens: number; maxBatchSeqs: number; maxSteps: number } = { maxBatchTokens: Infinity, maxBatchSeqs: Infinity, maxSteps: 1 },
+    limits: Pick<Backend, "maxBatchTokens" | "maxBatchSeqs" | "maxSteps" | "continues"> = {
+      maxBatchTokens: Infinity,
+      maxBatchSeqs: Infinity,
+      maxSteps: 1,
+      continues: false,
+    },
   ) {
     // By default a step takes as many tokens as the backend is sized for (2048 where it has no limit).
     const tokens = opts.maxBatchTokens ?? (Number.isFinite(limits.maxBatchTokens) ? limits.maxBatchTokens : 2048);
@@ -69,6 +82,7 @@ export class Scheduler {
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
     this.maxCallMs = opts.maxCallMs ?? 10;
+    this.asyncScheduling = (opts.asyncScheduling ?? true) && limits.continues;
     if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }
@@ -134,23 +148,39 @@ export class Scheduler {
       prefill(seq);
     }
     if (seqs.length === 0) return null;
-    const steps = this.stepsFor(seqs, queryLens);
-    return { batch: this.buildBatch(seqs, queryLens, steps), seqs, queryLens };
+    const steps = Math.max(1, this.decodeRun(seqs, queryLens, 0));
+    return { batch: this.buildBatch(seqs, queryLens, steps, 0), seqs, queryLens };
   }
 
   /**
-   * Several decode steps in one call when nothing else is pending: every sequence decodes, none needs the
-   * host between tokens (penalties read the growing history), nobody waits for admission, and no sequence
-   * runs past its token budget or reserved cache within them.
+   * With async scheduling, the call after `step` (a decode call in flight), to be queued behind it before
+   * its tokens are back: the same sequences, each `step.batch.steps` positions on, their inputs the tokens
+   * that call samples last (StepBatch.continues). Null where the next call may differ: a sequence ended or
+   * was cancelled, one reaches its token budget within the call in flight, or someone waits.
    */
-  private stepsFor(seqs: Sequence[], queryLens: number[]): number {
-    if (this.decodeSteps === 1 || this.waiting.length > 0) return 1;
+  continuation(step: ScheduledStep): ScheduledStep | null {
+    if (!this.asyncScheduling || step.seqs.length !== this.running.length) return null;
+    if (step.seqs.some((seq) => seq.finishReason !== null || seq.cancelled)) return null;
+    const { seqs, queryLens } = step;
+    const ahead = step.batch.steps ?? 1;
+    const steps = this.decodeRun(seqs, queryLens, ahead);
+    return steps > 0 ? { batch: this.buildBatch(seqs, queryLens, steps, ahead), seqs, queryLens } : null;
+  }
+
+  /**
+   * How many decode steps the sequences may run in one call, starting `ahead` steps past what is committed:
+   * 0 unless every sequence decodes, none needs the host between tokens (penalties read the growing
+   * history) and nobody waits for admission; then as many as fit in the call's time, and no sequence runs
+   * past its token budget or reserved cache within them.
+   */
+  private decodeRun(seqs: Sequence[], queryLens: number[], ahead: number): number {
+    if (this.waiting.length > 0) return 0;
     let steps = this.msPerStep > 0 ? Math.min(this.decodeSteps, Math.floor(this.maxCallMs / this.msPerStep)) : this.decodeSteps;
     for (const [i, seq] of seqs.entries()) {
-      if (queryLens[i] !== 1 || seq.inPrefill || usesPenalties(seq.params) || seq.needsPromptLogits) return 1;
-      steps = Math.min(steps, seq.params.maxTokens - seq.generated, this.cacheTokens(seq) - seq.computed);
+      if (queryLens[i] !== 1 || seq.inPrefill || usesPenalties(seq.params) || seq.needsPromptLogits) return 0;
+      steps = Math.min(steps, seq.params.maxTokens - seq.generated - ahead, this.cacheTokens(seq) - seq.computed - ahead);
     }
-    return Math.max(1, steps);
+    return Math.max(0, steps);
   }
 
   /** How long a step took on the backend, launch to result: decode-only calls update the time per step. */
@@ -195,20 +225,21 @@ export class Scheduler {
     return true;
   }
 
-  private buildBatch(seqs: Sequence[], queryLens: number[], steps: number): StepBatch {
+  /** The batch of `steps` steps, `ahead` decode steps past what is committed (their tokens not known yet). */
+  private buildBatch(seqs: Sequence[], queryLens: number[], steps: number, ahead: number): StepBatch {
     const numSeqs = seqs.length;
     const queryStarts = new Int32Array(numSeqs + 1);
     const contextLens = new Int32Array(numSeqs);
     const sample = new Uint8Array(numSeqs);
     seqs.forEach((seq, i) => {
       queryStarts[i + 1] = queryStarts[i] + queryLens[i];
-      contextLens[i] = seq.computed + queryLens[i];
-      sample[i] = seq.samplesAt(contextLens[i]) ? 1 : 0;
+      contextLens[i] = seq.computed + ahead + queryLens[i];
+      sample[i] = seq.samplesAt(contextLens[i] - ahead) ? 1 : 0; // the steps ahead are decodes
       this.blocks.grow(seq.blocks!, contextLens[i] + steps - 1);
     });
 
     const tokens = new Int32Array(queryStarts[numSeqs]);
-    seqs.forEach((seq, i) => tokens.set(seq.tokens.slice(seq.computed, contextLens[i]), queryStarts[i]));
+    if (ahead === 0) seqs.forEach((seq, i) => tokens.set(seq.tokens.slice(seq.computed, contextLens[i]), queryStarts[i]));
 
     // One width for the batch, covering every position the steps write; a shorter row's tail is never read.
     const blocksFor = (len: number) => this.blocks.blocksFor(len + steps - 1);
@@ -226,14 +257,16 @@ export class Scheduler {
       blockTables,
       blockTableWidth,
       sample,
-      sampling: samplingBatch(seqs, sample),
+      sampling: samplingBatch(seqs, sample, ahead),
       returnLogits: allLogits ? "all" : "none",
       steps,
+      continues: ahead > 0,
     };
   }
 }
 
-function samplingBatch(seqs: Sequence[], sample: Uint8Array): SamplingBatch {
+/** `ahead`: decode steps queued past what is committed, each one more draw of the sequence's stream. */
+function samplingBatch(seqs: Sequence[], sample: Uint8Array, ahead: number): SamplingBatch {
   const n = seqs.length;
   const b: SamplingBatch = {
     temperature: new Float32Array(n),
@@ -262,7 +295,7 @@ function samplingBatch(seqs: Sequence[], sample: Uint8Array): SamplingBatch {
     b.frequencyPenalty[i] = p.frequencyPenalty;
     b.presencePenalty[i] = p.presencePenalty;
     b.seed[i] = p.seed;
-    b.counter[i] = seq.generated;
+    b.counter[i] = seq.generated + ahead;
     b.historyStarts[i + 1] = b.historyStarts[i] + (withHistory[i] ? seq.tokens.length : 0);
     b.promptLens[i] = withHistory[i] ? seq.promptLen : 0;
     if (sample[i]) b.topLogprobs = Math.max(b.topLogprobs, p.logprobs ?? 0);

@@ -14,6 +14,7 @@ interface BenchOptions extends ModelOptions, Sampler {
   genLen: number;
   repeat: number;
   decodeSteps?: number;
+  asyncScheduling: boolean;
   json?: boolean;
 }
 
@@ -45,6 +46,7 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "new tokens per request", { min: 1 }).default(256))
     .addOption(integerOption("--repeat <n>", "timed runs per batch size (the median is reported)", { min: 1 }).default(3))
     .addOption(integerOption("--decode-steps <n>", "decode steps per backend call (default: the engine's)", { min: 1 }))
+    .option("--no-async-scheduling", "queue each decode call only once the last one's tokens are back")
     .option("--json", "print JSON instead of a table");
   for (const option of samplerOptions()) command.addOption(option);
   command.action(async (opts: BenchOptions) => {
@@ -57,6 +59,7 @@ export function register(program: Command): void {
       maxBatchTokens: Math.max(4096, ...batches),
       maxBatchSeqs: Math.max(256, Math.max(...batches)),
       decodeSteps: opts.decodeSteps,
+      asyncScheduling: opts.asyncScheduling,
     });
     try {
       const bandwidth = engine.device === "cuda" ? measureBandwidth() : null;

@@ -2,7 +2,7 @@ import { fail } from "../../errors.js";
 import type { LayerSpec, ModelConfig } from "../../model/config.js";
 import type { LayerWeights, ModelWeights } from "../../model/weights.js";
 import type { Backend, KvCacheShape, StepBatch, StepResult } from "../backend.js";
-import { runSteps } from "../decode-steps.js";
+import { StepSequence, runSteps } from "../decode-steps.js";
 import { validateBatch } from "../validate-batch.js";
 import { type SeqRows, attention } from "./attention.js";
 import { dequantize, vectorValues } from "./dequantize.js";
@@ -47,6 +47,7 @@ export class CpuBackend implements Backend {
   readonly kv: KvCacheShape;
   readonly description = "cpu fp32";
   readonly maxSteps = 64;
+  readonly continues = true;
   readonly maxBatchTokens = Infinity;
   readonly maxBatchSeqs = Infinity;
   /** The fp32 copies it computes from: four bytes a parameter whatever the storage. */
@@ -79,9 +80,13 @@ export class CpuBackend implements Backend {
     this.scores = new Float32Array(config.maxPositionEmbeddings);
   }
 
-  async step(batch: StepBatch): Promise<StepResult> {
-    validateBatch(batch, this.config, this.kv, this.maxSteps);
-    return runSteps(batch, async (b) => this.stepOnce(b));
+  private readonly calls = new StepSequence(
+    (batch) => validateBatch(batch, this.config, this.kv, this.maxSteps),
+    (batch) => runSteps(batch, async (b) => this.stepOnce(b)),
+  );
+
+  step(batch: StepBatch): Promise<StepResult> {
+    return this.calls.step(batch);
   }
 
   private stepOnce(batch: StepBatch): StepResult {
