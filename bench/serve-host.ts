@@ -37,7 +37,7 @@ class SimulatedDevice implements Backend {
   readonly description = "simulated device";
   readonly weightBytes = 0;
   readonly maxSteps = 64;
-  /** One step at a time, as the CUDA backend runs them. */
+  /** Its sleeper takes one step at a time: nothing is queued behind a step. */
   readonly continues = false;
   readonly maxBatchTokens = 2048;
   readonly maxBatchSeqs = 256;
