@@ -1,11 +1,12 @@
 // The server's host side under load, with the GPU simulated: how much output a given device speed allows
 // once the engine loop, detokenization and the HTTP streams take their share of the one JavaScript thread.
 //
-//   node dist/bench/serve-host.js [--decode-ms 1.3] [--per-seq-ms 0.023] [--prefill-us 4.5] -- BENCH-SERVE ARGS
+//   node dist/bench/serve-host.js [--decode-ms 1.3] [--per-seq-ms 0.023] [--prefill-us 4.5] [--no-async-scheduling]
+//     -- BENCH-SERVE ARGS
 //
 // The simulated device takes (decode-ms + per-seq-ms x sequences) per decode step plus prefill-us per prompt
-// token, off the main thread (a worker sleeps that long), the way the CUDA backend's native call does; its
-// tokens are arbitrary ids. The defaults are the H100 figures of BENCHMARKS.md. The server runs here and
+// token, off the main thread (a worker sleeps that long, one step after another, as a GPU stream runs
+// them), the way the CUDA backend's native call does; its tokens are arbitrary ids. The defaults are the H100 figures of BENCHMARKS.md. The server runs here and
 // `decima bench-serve --url` in a child process, as on the GPU machine. The report ends with what the
 // device was busy for: the rest is time the host kept it waiting.
 import { spawn } from "node:child_process";
@@ -37,20 +38,21 @@ class SimulatedDevice implements Backend {
   readonly description = "simulated device";
   readonly weightBytes = 0;
   readonly maxSteps = 64;
-  /** Its sleeper takes one step at a time: nothing is queued behind a step. */
-  readonly continues = false;
+  /** Its tokens are arbitrary, so a continuing batch needs nothing but its place in the queue. */
+  readonly continues = true;
   readonly maxBatchTokens = 2048;
   readonly maxBatchSeqs = 256;
   readonly kv = { blockSize: 16, numBlocks: 8192 };
   busyMs = 0;
   private readonly worker = new Worker(SLEEPER, { eval: true });
-  private pending: (() => void) | null = null;
+  /** The steps asked for and not done, oldest first: the sleeper answers them in order. */
+  private readonly pending: (() => void)[] = [];
 
   constructor(
     readonly config: ReturnType<typeof parseModelConfig>,
     private readonly model: DeviceModel,
   ) {
-    this.worker.on("message", () => this.pending?.());
+    this.worker.on("message", () => this.pending.shift()?.());
   }
 
   async step(batch: StepBatch): Promise<StepResult> {
@@ -60,7 +62,7 @@ class SimulatedDevice implements Backend {
     const ms = steps * (this.model.decodeMs + this.model.perSeqMs * seqs) + (prefillTokens * this.model.prefillUs) / 1000;
     this.busyMs += ms;
     await new Promise<void>((resolve) => {
-      this.pending = resolve;
+      this.pending.push(resolve);
       this.worker.postMessage(ms);
     });
     const n = seqs * steps;
@@ -91,7 +93,7 @@ async function main(): Promise<void> {
   const files = buildTokenizerFiles({ vocabSize: config.vocabSize });
   const tokenizer = Tokenizer.fromObjects(files.tokenizerJson, files.tokenizerConfig);
   const backend = new SimulatedDevice(config, model);
-  const engine = new Engine({ backend, tokenizer, modelId: "simulated" });
+  const engine = new Engine({ backend, tokenizer, modelId: "simulated", asyncScheduling: !own.includes("--no-async-scheduling") });
   const app = buildServer(engine);
   const address = await app.listen({ host: "127.0.0.1", port: 0 });
 
