@@ -334,19 +334,21 @@ export class Engine {
       // device's step spans turns anyway, so there it costs nothing.
       const turn = new Promise((resolve) => setImmediate(resolve));
       const { step } = call;
-      let result: StepResult;
-      try {
-        result = await call.result;
-      } catch (err) {
+      const settled = await call.result.then(
+        (result) => ({ result, err: null }),
+        (err: unknown) => ({ result: null, err }),
+      );
+      const now = performance.now();
+      if (inFlight[0]) inFlight[0].started = now; // a queued call starts on the device as this one ends
+      if (!settled.result) {
         // Only this batch's requests fail (and a call queued behind it, on the same sequences, with them);
         // the engine goes on serving the others.
-        for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, err);
+        for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, settled.err);
         await turn;
         continue;
       }
-      const now = performance.now();
+      const { result } = settled;
       this.scheduler.observe(step, now - call.started);
-      if (inFlight[0]) inFlight[0].started = now; // a queued call starts on the device as this one ends
       await turn;
       const taken = this.commit(step, result);
       this.refill(inFlight);
