@@ -6,9 +6,10 @@
 //
 // The simulated device takes (decode-ms + per-seq-ms x sequences) per decode step plus prefill-us per prompt
 // token, off the main thread (a worker sleeps that long, one step after another, as a GPU stream runs
-// them), the way the CUDA backend's native call does; its tokens are arbitrary ids. The defaults are the H100 figures of BENCHMARKS.md. The server runs here and
-// `decima bench-serve --url` in a child process, as on the GPU machine. The report ends with what the
-// device was busy for: the rest is time the host kept it waiting.
+// them), the way the CUDA backend's native call does; its tokens are arbitrary ids. The defaults are the
+// H100 figures of BENCHMARKS.md. The server runs here and `decima bench-serve --url` in a child process, as
+// on the GPU machine. The report ends with what the device was busy for: the rest is time the host kept it
+// waiting.
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
