@@ -8,8 +8,9 @@
 // token, off the main thread (a worker sleeps that long, one step after another, as a GPU stream runs
 // them), the way the CUDA backend's native call does; its tokens are arbitrary ids. The defaults are the
 // H100 figures of BENCHMARKS.md. The server runs here and `decima bench-serve --url` in a child process, as
-// on the GPU machine. The report ends with what the device was busy for: the rest is time the host kept it
-// waiting.
+// on the GPU machine. The report ends with what the device was busy for, and how often and how long it
+// waited for the host between steps (the rest of the wall time lies before the first request and after the
+// last: the client's start, its ramp-up and its tail).
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
@@ -39,12 +40,17 @@ class SimulatedDevice implements Backend {
   readonly description = "simulated device";
   readonly weightBytes = 0;
   readonly maxSteps = 64;
-  /** Its tokens are arbitrary, so a continuing batch needs nothing but its place in the queue. */
+  /** Its tokens are arbitrary, so a row carried from the step before needs nothing but the call's place in the queue. */
   readonly continues = true;
   readonly maxBatchTokens = 2048;
   readonly maxBatchSeqs = 256;
   readonly kv = { blockSize: 16, numBlocks: 8192 };
   busyMs = 0;
+  /** Times, and milliseconds in all, that a step was asked for after the one before had finished. */
+  waits = 0;
+  waitedMs = 0;
+  /** When the last queued step finished (null while one is queued, or before the first). */
+  private idleSince: number | null = null;
   private readonly worker = new Worker(SLEEPER, { eval: true });
   /** The steps asked for and not done, oldest first: the sleeper answers them in order. */
   private readonly pending: (() => void)[] = [];
@@ -53,7 +59,10 @@ class SimulatedDevice implements Backend {
     readonly config: ReturnType<typeof parseModelConfig>,
     private readonly model: DeviceModel,
   ) {
-    this.worker.on("message", () => this.pending.shift()?.());
+    this.worker.on("message", () => {
+      this.pending.shift()?.();
+      if (this.pending.length === 0) this.idleSince = performance.now();
+    });
   }
 
   async step(batch: StepBatch): Promise<StepResult> {
@@ -62,6 +71,11 @@ class SimulatedDevice implements Backend {
     const prefillTokens = batch.tokens.length - seqs;
     const ms = steps * (this.model.decodeMs + this.model.perSeqMs * seqs) + (prefillTokens * this.model.prefillUs) / 1000;
     this.busyMs += ms;
+    if (this.idleSince !== null) {
+      this.waits++;
+      this.waitedMs += performance.now() - this.idleSince;
+      this.idleSince = null;
+    }
     await new Promise<void>((resolve) => {
       this.pending.push(resolve);
       this.worker.postMessage(ms);
@@ -108,6 +122,7 @@ async function main(): Promise<void> {
   process.stdout.write(
     `device model: ${model.decodeMs} ms + ${model.perSeqMs} ms per sequence per decode step, ${model.prefillUs} µs per prompt token\n` +
       `device busy ${(backend.busyMs / 1000).toFixed(2)} s of ${(wallMs / 1000).toFixed(2)} s (${((100 * backend.busyMs) / wallMs).toFixed(1)}%); ` +
+      `it waited for the host ${backend.waits} times between steps, ${backend.waitedMs.toFixed(0)} ms in all; ` +
       `server event loop busy ${(100 * busy.utilization).toFixed(1)}%\n`,
   );
   await app.close();

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import type { StepBatch, StepResult } from "../src/engine/backend.js";
 import { CpuBackend } from "../src/engine/cpu/backend.js";
+import { validateBatch } from "../src/engine/validate-batch.js";
 import { nextToken, samplingParams } from "../src/engine/cpu/sampler.js";
 import { DecimaError } from "../src/errors.js";
 import { type ModelConfig, parseModelConfig } from "../src/model/config.js";
@@ -235,26 +236,36 @@ describe("CPU backend: step results", () => {
     assert.equal(all.logits!.length, 3 * vocab);
   });
 
-  it("continues a decode call with the tokens it sampled last, asked for before its result is back", async () => {
+  it("takes a row's input from the row of the call before that it names, asked for before that result is back", async () => {
     const backend = await backendFor(config);
     const seqs: Seq[] = [
       { tokens: prompt.slice(0, 5), blocks: [0, 1, 2, 3], temperature: 1, seed: 3 },
       { tokens: prompt.slice(5, 8), blocks: [4, 5, 6, 7] },
     ];
     const first = await backend.step(batchOf(seqs));
-    const at = (k: number, tokens: number[]) =>
-      batchOf(seqs.map((s, i) => ({ ...s, tokens: [tokens[i]], past: s.tokens.length + k, counter: k + 1 })));
-    const explicit = await backend.step({ ...at(0, [...first.tokens]), steps: 6 });
-    const [head, tail] = await Promise.all([
-      backend.step({ ...at(0, [...first.tokens]), steps: 2 }),
-      backend.step({ ...at(2, [0, 0]), steps: 4, continues: true }),
+    /** Sequence i's decode row k steps past its first token, fed `token`. */
+    const decode = (i: number, k: number, token = 0): Seq => ({ ...seqs[i], tokens: [token], past: seqs[i].tokens.length + k, counter: k + 1 });
+    const explicit = await backend.step({ ...batchOf([decode(0, 0, first.tokens[0]), decode(1, 0, first.tokens[1])]), steps: 6 });
+    // Two steps; then one with the rows swapped beside a new prompt (host tokens); then three more.
+    const fresh: Seq = { tokens: prompt.slice(8, 12), blocks: [8, 9] };
+    const [head, middle, tail] = await Promise.all([
+      backend.step({ ...batchOf([decode(0, 0, first.tokens[0]), decode(1, 0, first.tokens[1])]), steps: 2 }),
+      backend.step({ ...batchOf([decode(1, 2), fresh, decode(0, 2)]), fromPrevious: Int32Array.of(1, -1, 0) }),
+      backend.step({ ...batchOf([decode(0, 3), decode(1, 3)]), steps: 3, fromPrevious: Int32Array.of(2, 0) }),
     ]);
-    assert.deepEqual([...head.tokens, ...tail.tokens], [...explicit.tokens]);
-    // Nothing to continue after a prefill, or from a decode call of other sequences.
+    const byStep = (k: number) => [explicit.tokens[2 * k], explicit.tokens[2 * k + 1]];
+    assert.deepEqual([...head.tokens], [...byStep(0), ...byStep(1)]);
+    assert.deepEqual([middle.tokens[2], middle.tokens[0]], byStep(2));
+    assert.deepEqual([...tail.tokens], [...byStep(3), ...byStep(4), ...byStep(5)]);
+    const alone = await backend.step(batchOf([fresh]));
+    assert.equal(middle.tokens[1], alone.tokens[0], "the new prompt ran as it would alone");
+    // A row the step before sampled nothing for, or does not have; nothing after a refusal.
+    await backend.step(batchOf([{ ...seqs[0], sample: false }, seqs[1]]));
+    const carried = (rows: number[]) => ({ ...batchOf([decode(0, 0), decode(1, 0)]), fromPrevious: Int32Array.from(rows) });
+    await assert.rejects(backend.step(carried([0, 1])), /fromPrevious\[0\] = 0 names a row the step before sampled no token for/);
     await backend.step(batchOf(seqs));
-    await assert.rejects(backend.step({ ...at(0, [0, 0]), continues: true }), /must follow a decode step of as many/);
-    await backend.step(at(0, [...first.tokens]));
-    await assert.rejects(backend.step({ ...batchOf([{ tokens: [0], past: 5, blocks: [0, 1] }]), continues: true }), /of 1 sequences/);
+    await assert.rejects(backend.step(carried([1, 2])), /fromPrevious\[1\] = 2 names a row/);
+    await assert.rejects(backend.step(carried([0, 1])), /fromPrevious\[0\] = 0 names a row/);
   });
 
   it("samples each sequence with its own penalties and history", async () => {
@@ -306,7 +317,10 @@ describe("CPU backend: bad batches", () => {
     ["a negative temperature", (b) => (b.sampling.temperature[0] = -1), /sampling\.temperature\[0\] = -1 must be >= 0/],
     ["a NaN penalty", (b) => (b.sampling.presencePenalty[0] = NaN), /presencePenalty\[0\] = NaN must be finite/],
     ["too many top log-probs", (b) => (b.sampling.topLogprobs = 97), /sampling\.topLogprobs = 97/],
-    ["a continuing batch with a prefill", (b) => (b.continues = true), /a continuing batch needs one new token per sequence/],
+    ["a carried row with a prefill", (b) => (b.fromPrevious = Int32Array.of(0, -1)), /fromPrevious\[0\] = 0: sequence 0 must have one new token/],
+    ["a carried row that does not sample", (b) => ((b.fromPrevious = Int32Array.of(-1, 0)), (b.sample[1] = 0)), /sequence 1 must sample/],
+    ["a negative row to carry from", (b) => (b.fromPrevious = Int32Array.of(-1, -2)), /fromPrevious\[1\] = -2 must be -1 or a row of the step before/],
+    ["a row to carry from per sequence missing", (b) => (b.fromPrevious = Int32Array.of(-1)), /fromPrevious has 1 entries, expected 2/],
     [
       "a history token outside the vocabulary",
       (b) => {
@@ -316,6 +330,14 @@ describe("CPU backend: bad batches", () => {
       /sampling\.history\[1\] = 100 is outside the vocabulary/,
     ],
   ];
+
+  it("refuses carried rows where the backend takes no input from the step before", () => {
+    const batch = { ...good(), fromPrevious: Int32Array.of(-1, 0) };
+    const kv = { numBlocks: 32, blockSize: 4 };
+    validateBatch(batch, { config, kv, maxSteps: 1, continues: true });
+    assert.throws(() => validateBatch(batch, { config, kv, maxSteps: 1, continues: false }), /takes no input from the step before/);
+    validateBatch({ ...batch, fromPrevious: Int32Array.of(-1, -1) }, { config, kv, maxSteps: 1, continues: false });
+  });
 
   for (const [what, spoil, message] of cases) {
     it(`refuses ${what}, in one line`, async () => {

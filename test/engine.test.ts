@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
+import type { StepBatch } from "../src/engine/backend.js";
 import { DecimaError } from "../src/errors.js";
 import type { DoneEvent, Engine, GenerateEvent, GenerateRequest } from "../src/runtime/engine.js";
 import { idle, promptOf, testTokenizer, tinyEngine } from "./tiny-engine.js";
@@ -39,6 +40,9 @@ function assertPoolEmpty(engine: Engine): void {
 }
 
 const noEos = { ignoreEos: true };
+
+/** Whether some row of the batch takes its input from the step before. */
+const carries = (batch: StepBatch) => batch.fromPrevious?.some((row) => row >= 0) ?? false;
 
 describe("Engine", () => {
   it("streams token events whose texts add up to the completion, then done", async () => {
@@ -139,14 +143,14 @@ describe("Engine", () => {
       ]);
       assertPoolEmpty(engine);
       // A failed call fails its requests, with the call queued behind it; the engine keeps serving.
-      backend.failWhen = (batch) => batch.steps === 4 && !batch.continues;
+      backend.failWhen = (batch) => batch.steps === 4;
       await assert.rejects(engine.complete(requests[1]), /injected backend failure/);
       backend.failWhen = null;
       assertPoolEmpty(engine);
       const after = await collect(engine, requests[1]);
       await engine.close();
       const reasons = stopped.slice(0, 2).map((events) => doneOf(events).finishReason);
-      return { events: [...plain, ...stopped, after].map(seen), reasons, continued: backend.batches.filter((b) => b.continues).length };
+      return { events: [...plain, ...stopped, after].map(seen), reasons, continued: backend.batches.filter(carries).length };
     };
     const sync = await run(false);
     const queued = await run(true);
@@ -154,6 +158,57 @@ describe("Engine", () => {
     assert.equal(sync.continued, 0);
     assert.ok(queued.continued > 5, `${queued.continued} continuing calls`);
     assert.deepEqual(queued.reasons, ["stop", "stop"]);
+  });
+
+  it("queues each call behind the one in flight as requests arrive and end, with the same events as without", async () => {
+    const base = { prompt: promptOf(9, 1), maxTokens: 24, ...noEos };
+    const requests: GenerateRequest[] = [
+      { prompt: promptOf(30, 2), maxTokens: 10, temperature: 0.8, seed: 3, ...noEos },
+      { prompt: promptOf(12, 3), maxTokens: 12, repetitionPenalty: 1.3, ...noEos },
+      { prompt: promptOf(17, 4), maxTokens: 8, promptLogprobs: true, logprobs: 2, ...noEos },
+      { prompt: promptOf(40, 5), maxTokens: 6, ...noEos },
+    ];
+    const seen = (events: GenerateEvent[]) => events.map((e) => (e.type === "done" ? [e.finishReason, e.tokens, e.text, e.promptLogprobs] : e));
+    const run = async (asyncScheduling: boolean, stopTokenIds: number[] = []) => {
+      // Chunks of 16 prompt tokens, so that prompts run over several calls too.
+      const { engine, backend } = await tinyEngine({ asyncScheduling, decodeSteps: 4, maxCallMs: 1e9, maxBatchTokens: 16 });
+      // The k-th token of a leading request brings request k, and a request cancelled after its first token.
+      const others: Promise<GenerateEvent[]>[] = [];
+      const cancelled = new AbortController();
+      const lead: GenerateEvent[] = [];
+      for await (const event of engine.generate({ ...base, stopTokenIds })) {
+        lead.push(event);
+        const k = lead.filter((e) => e.type === "token").length;
+        if (event.type !== "token") continue;
+        if (k <= requests.length) others.push(collect(engine, requests[k - 1]));
+        if (k === 2) {
+          const abort = { ...base, signal: cancelled.signal };
+          others.push(collect(engine, abort).then((events) => [doneOf(events)]));
+          setImmediate(() => cancelled.abort());
+        }
+      }
+      const events = await Promise.all(others);
+      assertPoolEmpty(engine);
+      await engine.close();
+      const mixed = backend.batches.filter((b) => carries(b) && b.fromPrevious!.includes(-1)).length;
+      return { lead, events, mixed };
+    };
+    const sync = await run(false);
+    const queued = await run(true);
+    assert.deepEqual(seen(queued.lead), seen(sync.lead));
+    const keep = (r: { events: GenerateEvent[][] }) => r.events.filter((e) => e.length > 1).map(seen);
+    assert.deepEqual(keep(queued), keep(sync));
+    assert.equal(keep(sync).length, requests.length);
+    for (const r of [sync, queued]) assert.ok(r.events.some((e) => e.length === 1 && doneOf(e).finishReason === "abort"));
+    assert.equal(sync.mixed, 0);
+    assert.ok(queued.mixed > 2, `${queued.mixed} calls carried some rows and took others from the host`);
+    // The leading request ended by a stop token while calls for it were queued.
+    const tokens = doneOf(sync.lead).tokens;
+    const at = tokens.findIndex((id, i) => i >= 6 && !tokens.slice(0, i).includes(id));
+    assert.ok(at > 0, "a token first seen after the sixth");
+    const stopped = await run(true, [tokens[at]]);
+    assert.equal(doneOf(stopped.lead).finishReason, "stop");
+    assert.deepEqual(doneOf(stopped.lead).tokens, tokens.slice(0, at));
   });
 
   it("reproduces seeded sampling, alone or batched with others", async () => {

@@ -205,7 +205,7 @@ describe("Scheduler", () => {
     assert.equal(seq.blocks!.table.length, 16);
   });
 
-  it("continues a decode call in flight with the same sequences, further on, within their budgets", () => {
+  it("plans the next call from the one in flight: positions, draws and inputs counted on, within budgets", () => {
     const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, continues: true };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 6 }, limits);
     const a = seqOf(promptOf(5, 1), { maxTokens: 14 });
@@ -213,14 +213,16 @@ describe("Scheduler", () => {
     s.add(a);
     s.add(b);
     const prefill = s.schedule()!;
-    assert.equal(s.continuation(prefill), null, "a prefill is not continued");
-    complete(s, prefill);
-    const first = s.schedule()!;
+    // The first decode call is planned while the prompts run: its inputs are the tokens they sample.
+    const first = s.schedule(prefill)!;
+    assert.deepEqual([...first.batch.fromPrevious!], [0, 1]);
+    assert.deepEqual([...first.batch.contextLens], [6, 4]);
+    assert.deepEqual([...first.batch.sampling.counter], [1, 1]);
     assert.equal(first.batch.steps, 6);
-    assert.equal(first.batch.continues, false);
-    const next = s.continuation(first)!;
-    assert.equal(next.batch.continues, true);
+    complete(s, prefill);
+    const next = s.schedule(first)!;
     assert.deepEqual(next.seqs, [a, b]);
+    assert.deepEqual([...next.batch.fromPrevious!], [0, 1]);
     assert.equal(next.batch.steps, 6);
     assert.deepEqual([...next.batch.contextLens], [5 + 6 + 1, 3 + 6 + 1]);
     assert.deepEqual([...next.batch.sampling.counter], [1 + 6, 1 + 6]);
@@ -228,10 +230,36 @@ describe("Scheduler", () => {
     assert.ok(next.batch.blockTableWidth >= Math.ceil((5 + 6 + 6) / 4));
     // The first call's result: a has 13 tokens to go after its first, 6 of them in the call now in flight.
     for (const seq of [a, b]) for (let k = 0; k < 6; k++) complete(s, { ...first, seqs: [seq], queryLens: [1] });
-    assert.equal(s.continuation(next)!.batch.steps, 1, "a's last token");
-    // Nobody waiting, nobody ended: otherwise the next call is scheduled afresh.
-    s.add(seqOf(promptOf(4, 3)));
-    assert.equal(s.continuation(next), null, "a request waits");
+    // Two requests arrive: they are admitted into the queued call with their prompts, one step long.
+    const c = seqOf(promptOf(4, 3));
+    const d = seqOf(promptOf(2, 4), { repetitionPenalty: 1.2 });
+    s.add(c);
+    s.add(d);
+    const mixed = s.schedule(next)!;
+    assert.deepEqual(mixed.seqs, [a, b, c, d]);
+    assert.deepEqual(mixed.queryLens, [1, 1, 4, 2]);
+    assert.deepEqual([...mixed.batch.fromPrevious!], [0, 1, -1, -1]);
+    assert.deepEqual([...mixed.batch.tokens.slice(2)], [...promptOf(4, 3), ...promptOf(2, 4)]);
+    assert.equal(mixed.batch.steps, 1);
+    // Behind it: a has no token left, c decodes from its prompt's sample, d (penalties) sits the call out.
+    for (let k = 0; k < 6; k++) complete(s, { ...next, seqs: [a, b], queryLens: [1, 1] });
+    const behind = s.schedule(mixed)!;
+    assert.deepEqual(behind.seqs, [b, c]);
+    assert.deepEqual([...behind.batch.fromPrevious!], [1, 2]);
+    assert.deepEqual([...behind.batch.contextLens], [3 + 12 + 1 + 1, 4 + 1]);
+    assert.equal(behind.batch.steps, 1, "d runs, so not every running sequence is in the call");
+    // A prompt in chunks: the next chunk is planned behind the one in flight, from host tokens.
+    const chunked = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, { maxBatchTokens: 8 }, limits);
+    const long = seqOf(promptOf(20, 5));
+    chunked.add(long);
+    const chunk = chunked.schedule(chunked.schedule()!)!;
+    assert.deepEqual([...chunk.batch.tokens], promptOf(20, 5).slice(8, 16));
+    assert.deepEqual([...chunk.batch.fromPrevious!], [-1]);
+    assert.deepEqual([...chunk.batch.sample], [0]);
+    // Without async scheduling nothing is planned behind a call in flight.
+    const plain = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, {}, { ...limits, continues: false });
+    plain.add(seqOf(promptOf(4, 6)));
+    assert.equal(plain.schedule(plain.schedule()!), null);
   });
 
   it("bounds a multi-step call by the measured time per decode step", () => {

@@ -83,7 +83,7 @@ describe("decima serve and bench-serve", () => {
   it("bench-serve --model runs its clients against an in-process server and reports JSON", async () => {
     const child = decima(
       "bench-serve", "--model", model, "--device", "cpu", "--clients", "3", "--requests", "6",
-      "--prompt-len", "40", "--gen-len", "4", "--shared-prefix", "32", "--json",
+      "--prompt-len", "40", "--gen-len", "4", "--shared-prefix", "32", "--no-async-scheduling", "--json",
     );
     assert.equal(await child.exited, 0, child.stderr);
     const report = JSON.parse(child.stdout);

@@ -24,6 +24,11 @@ export function dtypeOption(description = "weight type (default: the checkpoint'
   return new Option("--dtype <dtype>", description).choices(FLOAT_DTYPES);
 }
 
+/** Turns Engine.load's asyncScheduling off (commander sets `asyncScheduling`, true unless given). */
+export function asyncSchedulingOption(): Option {
+  return new Option("--no-async-scheduling", "queue each backend call only once the last one's tokens are back");
+}
+
 /** Load the model, run `use`, and release the engine whatever happens. */
 export async function withEngine<T>(opts: ModelOptions, use: (engine: Engine) => Promise<T>): Promise<T> {
   const engine = await Engine.load({ model: opts.model, device: opts.device, dtype: opts.dtype });

@@ -17,14 +17,14 @@ export interface Backend {
   readonly weightBytes: number;
   /** Most decode steps one call may run back to back (StepBatch.steps). */
   readonly maxSteps: number;
-  /** Whether it runs batches that continue the step asked for before them (StepBatch.continues). */
+  /** Whether it runs batches whose rows take their input from the step asked for before them (StepBatch.fromPrevious). */
   readonly continues: boolean;
   /** Most new tokens, and most sequences, one step may carry (the device's workspace is sized for them). */
   readonly maxBatchTokens: number;
   readonly maxBatchSeqs: number;
   /**
    * Run a step. Steps run in the order they are asked for, and the next may be asked for before this one's
-   * result is back (a decode call queued behind the one in flight: see StepBatch.continues).
+   * result is back (a call queued behind the one in flight: see StepBatch.fromPrevious).
    */
   step(batch: StepBatch): Promise<StepResult>;
   close(): Promise<void>;
@@ -67,11 +67,12 @@ export interface StepBatch {
    */
   steps?: number;
   /**
-   * The batch continues the step asked for just before it, a decode batch of the same sequences in the same
-   * order: each sequence's input is the token that step sampled last for it (`tokens` is ignored), so this
-   * call can be queued before that result is back. Such a batch follows the same rules as `steps` > 1.
+   * Per sequence, -1 or a row of the step asked for just before this one: the token that step sampled last
+   * for that row is this sequence's one new token (its entry in `tokens` is ignored), so the batch can be
+   * queued before that result is back. Such a row decodes: one new token, sampled, no penalties (their
+   * history would lack the token). The row it names must have sampled at that step's last step.
    */
-  continues?: boolean;
+  fromPrevious?: Int32Array;
 }
 
 /** One sequence's sampling rule, as the runtime and the CPU sampler hold it (SamplingBatch says what each means). */

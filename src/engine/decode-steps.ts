@@ -34,16 +34,16 @@ export async function runSteps(batch: StepBatch, stepOnce: (b: StepBatch) => Pro
 }
 
 /**
- * StepBatch.continues for a backend without a device-side loop: calls run one after another in the order
- * asked for, and a continuing batch's inputs are the tokens the call before it sampled last. The CUDA
- * backend keeps those tokens on the GPU instead; this is its spec.
+ * StepBatch.fromPrevious for a backend without a device-side loop: calls run one after another in the order
+ * asked for, and a row that names a row of the call before takes the token that call sampled last there.
+ * The CUDA backend keeps those tokens on the GPU instead; this is its spec.
  */
 export class StepSequence {
   private tail: Promise<unknown> = Promise.resolve();
-  /** The tokens the last call sampled at its last step, when it was a decode batch (one per sequence). */
+  /** The tokens the last call sampled at its last step, one per row (-1 where it sampled none); null after a failure. */
   private last: Int32Array | null = null;
 
-  /** `validate` refuses a batch the backend cannot run (validateBatch), before its continuity is checked. */
+  /** `validate` refuses a batch the backend cannot run (validateBatch), before its rows' inputs are taken. */
   constructor(
     private readonly validate: (batch: StepBatch) => void,
     private readonly run: (batch: StepBatch) => Promise<StepResult>,
@@ -59,13 +59,21 @@ export class StepSequence {
     const last = this.last;
     this.last = null;
     this.validate(batch);
+    const result = await this.run(batch.fromPrevious ? { ...batch, tokens: carried(batch, last) } : batch);
     const n = batch.contextLens.length;
-    if (batch.continues && last?.length !== n) {
-      fail("input", `step batch: a continuing batch of ${n} sequences must follow a decode step of as many`);
-    }
-    const result = await this.run(batch.continues ? { ...batch, tokens: last! } : batch);
-    const decode = batch.tokens.length === n && batch.sample.every((v) => v === 1) && (batch.returnLogits ?? "none") === "none";
-    if (decode) this.last = result.tokens.slice(result.tokens.length - n);
+    this.last = result.tokens.slice(result.tokens.length - n);
     return result;
   }
+}
+
+/** The batch's tokens with each carried row's input taken from `last` (the call before's last sampled tokens). */
+function carried(batch: StepBatch, last: Int32Array | null): Int32Array {
+  const tokens = batch.tokens.slice();
+  batch.fromPrevious!.forEach((row, i) => {
+    if (row === -1) return;
+    const token = last?.[row] ?? -1;
+    if (token < 0) fail("input", `step batch: fromPrevious[${i}] = ${row} names a row the step before sampled no token for`);
+    tokens[batch.queryStarts[i]] = token;
+  });
+  return tokens;
 }

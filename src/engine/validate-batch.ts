@@ -1,6 +1,6 @@
 import { fail } from "../errors.js";
 import type { ModelConfig } from "../model/config.js";
-import type { KvCacheShape, SamplingBatch, StepBatch } from "./backend.js";
+import type { Backend, KvCacheShape, SamplingBatch, StepBatch } from "./backend.js";
 
 /**
  * Refuse a step batch that a backend cannot run as asked: wrong array lengths, token ids outside the
@@ -8,10 +8,11 @@ import type { KvCacheShape, SamplingBatch, StepBatch } from "./backend.js";
  * pool, sampling parameters out of range. Both backends call it, so they refuse the same batches, with one
  * line that names the field at fault.
  */
-export function validateBatch(batch: StepBatch, config: ModelConfig, kv: KvCacheShape, maxSteps = 1): void {
+export function validateBatch(batch: StepBatch, backend: Pick<Backend, "config" | "kv" | "maxSteps" | "continues">): void {
+  const { config, kv } = backend;
   const { tokens, queryStarts, contextLens, blockTables, blockTableWidth, sample } = batch;
   const numSeqs = queryStarts.length - 1;
-  checkSteps(batch, maxSteps);
+  checkSteps(batch, backend.maxSteps);
   if (numSeqs < 1) bad(`queryStarts has ${queryStarts.length} entries; it needs one per sequence plus one`);
   if (queryStarts[0] !== 0 || queryStarts[numSeqs] !== tokens.length) {
     bad(`queryStarts must run from 0 to the number of tokens (${tokens.length})`);
@@ -28,18 +29,35 @@ export function validateBatch(batch: StepBatch, config: ModelConfig, kv: KvCache
   for (let t = 0; t < tokens.length; t++) checkToken(`tokens[${t}]`, tokens[t], config.vocabSize);
   for (let i = 0; i < numSeqs; i++) checkSequence(batch, i, config, kv);
   checkSampling(batch.sampling, sample, config.vocabSize);
+  checkFromPrevious(batch, numSeqs, backend.continues);
 }
 
-/** Several steps at once, and continuing batches, are for plain decode batches only (see StepBatch.steps). */
+/** Several steps at once are for plain decode batches only (see StepBatch.steps). */
 function checkSteps(batch: StepBatch, maxSteps: number): void {
   const steps = batch.steps ?? 1;
   if (!Number.isInteger(steps) || steps < 1 || steps > maxSteps) bad(`steps = ${steps} must be an integer in 1..${maxSteps}`);
-  if (steps === 1 && !batch.continues) return;
-  const what = batch.continues ? "a continuing batch" : `steps = ${steps}`;
-  if (batch.tokens.length !== batch.contextLens.length) bad(`${what} needs one new token per sequence`);
-  if ((batch.returnLogits ?? "none") !== "none") bad(`${what} cannot return logits`);
-  if (batch.sample.some((v) => v !== 1)) bad(`${what} needs every sequence to sample`);
-  if (batch.sampling.history.length > 0) bad(`${what} cannot apply penalties`);
+  if (steps === 1) return;
+  if (batch.tokens.length !== batch.contextLens.length) bad(`steps = ${steps} needs one new token per sequence`);
+  if ((batch.returnLogits ?? "none") !== "none") bad(`steps = ${steps} cannot return logits`);
+  if (batch.sample.some((v) => v !== 1)) bad(`steps = ${steps} needs every sequence to sample`);
+  if (batch.sampling.history.length > 0) bad(`steps = ${steps} cannot apply penalties`);
+}
+
+/** A row whose input is the step before's token decodes, samples and has no penalties (StepBatch.fromPrevious). */
+function checkFromPrevious(batch: StepBatch, numSeqs: number, supported: boolean): void {
+  const from = batch.fromPrevious;
+  if (!from) return;
+  expectLength("fromPrevious", from, numSeqs);
+  if (!supported && from.some((row) => row !== -1)) bad("this backend takes no input from the step before (fromPrevious)");
+  const { queryStarts, sample, sampling } = batch;
+  for (let i = 0; i < numSeqs; i++) {
+    if (from[i] === -1) continue;
+    const what = `fromPrevious[${i}] = ${from[i]}`;
+    if (from[i] < 0) bad(`${what} must be -1 or a row of the step before`);
+    if (queryStarts[i + 1] - queryStarts[i] !== 1) bad(`${what}: sequence ${i} must have one new token`);
+    if (!sample[i]) bad(`${what}: sequence ${i} must sample`);
+    if (sampling.historyStarts[i + 1] > sampling.historyStarts[i]) bad(`${what}: sequence ${i} cannot apply penalties`);
+  }
 }
 
 function checkSequence(batch: StepBatch, i: number, config: ModelConfig, kv: KvCacheShape): void {

@@ -296,7 +296,10 @@ export class Engine {
     return [...prompt];
   }
 
-  /** Ends the sequence at the next step boundary, never under a step in flight that still uses its blocks. */
+  /**
+   * Ends the sequence when the next step is scheduled. A call in flight may still write its blocks, but
+   * before the step of any later owner does (backends run steps in order).
+   */
   private cancel(seq: Sequence): void {
     if (seq.finishReason !== null) return;
     seq.cancelled = true;
@@ -313,9 +316,9 @@ export class Engine {
    * The loop keeps the device busy and runs ahead of the events. When a step's result comes, its tokens go
    * into their sequences (cheap: all the next step needs, including who ended on a stop token or the
    * length), the next steps are launched, and only then are the tokens detokenized into events, while the
-   * device computes; the consumers (streams, HTTP writes) run during that step too. With async scheduling a
-   * decode call is queued behind the one in flight before its tokens are back (Scheduler.continuation), so
-   * up to two are in flight. A sequence that ends (a stop token, a stop string, a failure) may thus be in
+   * device computes; the consumers (streams, HTTP writes) run during that step too. With async scheduling the
+   * next call is queued behind the one in flight before its tokens are back (Scheduler.schedule), so up to
+   * two are in flight. A sequence that ends (a stop token, a stop string, a failure) may thus be in
    * steps launched already: their tokens for it are dropped, and the blocks it frees now are written by those
    * steps alone before anyone else uses them, as backends run steps in the order asked for.
    */
@@ -358,25 +361,25 @@ export class Engine {
   }
 
   /**
-   * Start the next step when none is in flight (if there is work and the engine is not closing), then queue
-   * the call that continues the last one in flight, when it can be known already.
+   * Start the next step when none is in flight, then (with async scheduling) queue the one after it, planned
+   * from the call in flight: if there is work and the engine is not closing.
    */
   private refill(inFlight: InFlight[]): void {
     if (this.closed) return;
     if (inFlight.length === 0) {
-      const step = this.schedule();
+      const step = this.schedule(null);
       if (step) inFlight.push(this.launch(step));
     }
     if (inFlight.length === 1) {
-      const next = this.scheduler.continuation(inFlight[0].step);
+      const next = this.schedule(inFlight[0].step);
       if (next) inFlight.push(this.launch(next));
     }
   }
 
-  /** End what was cancelled (no step is in flight here), then the next step's work, if any. */
-  private schedule(): ScheduledStep | null {
+  /** End what was cancelled, then the next step's work, if any (`inFlight`: the call it follows). */
+  private schedule(inFlight: ScheduledStep | null): ScheduledStep | null {
     for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
-    return this.scheduler.schedule();
+    return this.scheduler.schedule(inFlight);
   }
 
   private launch(step: ScheduledStep): InFlight {

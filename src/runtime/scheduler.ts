@@ -22,7 +22,7 @@ export interface SchedulerOptions {
    */
   maxCallMs?: number;
   /**
-   * Queue the next decode call behind the one in flight, before its tokens are back (default true, where the
+   * Queue the next call behind the one in flight, before its tokens are back (default true, where the
    * backend can: Backend.continues), so the device does not wait for the host between calls; tokens it
    * computes past a stop are dropped.
    */
@@ -42,9 +42,9 @@ export interface ScheduledStep {
 }
 
 /**
- * Continuous batching: every step carries one decode token of each running sequence, then prefill work
- * (prompts in chunks, within the step's token budget), and admits waiting requests in arrival order as the
- * KV pool allows.
+ * Continuous batching: every step carries one decode token of each running sequence (but one that sits out
+ * a queued call, see schedule()), then prefill work (prompts in chunks, within the step's token budget),
+ * and admits waiting requests in arrival order as the KV pool allows.
  *
  * Admission reserves every block a request can ever need, so a running sequence never runs out of KV
  * space and nothing is ever preempted: simple and safe, at the price of admitting fewer long requests
@@ -125,19 +125,29 @@ export class Scheduler {
     this.blocks.release(seq.blocks);
   }
 
-  /** The next step's work, or null when there is none. */
-  schedule(): ScheduledStep | null {
+  /**
+   * The next step's work, or null when there is none. With async scheduling it may be asked for while
+   * `inFlight` (the one call launched and not committed) runs: it is then planned as if that call were
+   * done, every sequence's positions and draws counted on, and a decode row takes its input from its
+   * sequence's row there (StepBatch.fromPrevious). A sequence may end within that call (a stop token or
+   * string): its tokens in this one are dropped then. One with penalties sits this call out, as its
+   * history would lack its last token.
+   */
+  schedule(inFlight: ScheduledStep | null = null): ScheduledStep | null {
+    if (inFlight && !this.asyncScheduling) return null;
+    const ahead = aheadOf(inFlight);
     let budget = this.maxBatchTokens;
-    const seqs: Sequence[] = [];
-    const queryLens: number[] = [];
-    const add = (seq: Sequence, n: number) => {
-      seqs.push(seq);
-      queryLens.push(n);
-      budget -= n;
+    const rows: Row[] = [];
+    const add = (seq: Sequence, queryLen: number) => {
+      rows.push({ seq, queryLen, ahead: ahead.get(seq) ?? idle });
+      budget -= queryLen;
     };
-    const prefill = (seq: Sequence) => add(seq, Math.min(seq.promptLen - seq.computed, budget));
-    for (const seq of this.running) if (!seq.inPrefill && budget > 0) add(seq, 1);
-    for (const seq of this.running) if (seq.inPrefill && budget > 0) prefill(seq);
+    const prefill = (seq: Sequence) => {
+      const at = seq.computed + (ahead.get(seq)?.positions ?? 0);
+      if (at < seq.promptLen) add(seq, Math.min(seq.promptLen - at, budget));
+    };
+    for (const seq of this.running) if (budget > 0 && this.decodes(seq, ahead.get(seq))) add(seq, 1);
+    for (const seq of this.running) if (budget > 0) prefill(seq);
     // A step must hold a decode token of every running sequence: that caps how many run at once.
     const maxRunning = Math.min(this.maxBatchTokens, this.maxBatchSeqs);
     while (budget > 0 && this.waiting.length > 0 && this.running.length < maxRunning) {
@@ -147,38 +157,35 @@ export class Scheduler {
       this.running.push(seq);
       prefill(seq);
     }
-    if (seqs.length === 0) return null;
-    const steps = Math.max(1, this.decodeRun(seqs, queryLens, 0));
-    return { batch: this.buildBatch(seqs, queryLens, steps, 0), seqs, queryLens };
+    if (rows.length === 0) return null;
+    const steps = Math.max(1, this.decodeRun(rows));
+    return { batch: this.buildBatch(rows, steps, inFlight !== null), seqs: rows.map((r) => r.seq), queryLens: rows.map((r) => r.queryLen) };
   }
 
   /**
-   * With async scheduling, the call after `step` (a decode call in flight), to be queued behind it before
-   * its tokens are back: the same sequences, each `step.batch.steps` positions on, their inputs the tokens
-   * that call samples last (StepBatch.continues). Null where the next call may differ: a sequence ended or
-   * was cancelled, one reaches its token budget within the call in flight, or someone waits.
+   * Whether the sequence decodes in the next step: it is past its prompt (counting the call in flight) and
+   * has room for another token; with a call in flight, that call samples for it and it has no penalties.
    */
-  continuation(step: ScheduledStep): ScheduledStep | null {
-    if (!this.asyncScheduling || step.seqs.length !== this.running.length) return null;
-    if (step.seqs.some((seq) => seq.finishReason !== null || seq.cancelled)) return null;
-    const { seqs, queryLens } = step;
-    const ahead = step.batch.steps ?? 1;
-    const steps = this.decodeRun(seqs, queryLens, ahead);
-    return steps > 0 ? { batch: this.buildBatch(seqs, queryLens, steps, ahead), seqs, queryLens } : null;
+  private decodes(seq: Sequence, ahead: Ahead | undefined): boolean {
+    if (seq.kind !== "generate") return false;
+    if (!ahead) return !seq.inPrefill;
+    const at = seq.computed + ahead.positions;
+    return ahead.draws > 0 && at < this.cacheTokens(seq) && !usesPenalties(seq.params);
   }
 
   /**
-   * How many decode steps the sequences may run in one call, starting `ahead` steps past what is committed:
-   * 0 unless every sequence decodes, none needs the host between tokens (penalties read the growing
-   * history) and nobody waits for admission; then as many as fit in the call's time, and no sequence runs
-   * past its token budget or reserved cache within them.
+   * How many decode steps the rows may run in one call: 0 unless every running sequence is in it and
+   * decodes, none needs the host between tokens (penalties read the growing history) and nobody waits for
+   * admission; then as many as fit in the call's time, and no sequence runs past its token budget or
+   * reserved cache within them (counting the steps of the call in flight).
    */
-  private decodeRun(seqs: Sequence[], queryLens: number[], ahead: number): number {
-    if (this.waiting.length > 0) return 0;
+  private decodeRun(rows: Row[]): number {
+    if (this.waiting.length > 0 || rows.length !== this.running.length) return 0;
     let steps = this.msPerStep > 0 ? Math.min(this.decodeSteps, Math.floor(this.maxCallMs / this.msPerStep)) : this.decodeSteps;
-    for (const [i, seq] of seqs.entries()) {
-      if (queryLens[i] !== 1 || seq.inPrefill || usesPenalties(seq.params) || seq.needsPromptLogits) return 0;
-      steps = Math.min(steps, seq.params.maxTokens - seq.generated - ahead, this.cacheTokens(seq) - seq.computed - ahead);
+    for (const { seq, queryLen, ahead } of rows) {
+      const at = seq.computed + ahead.positions;
+      if (queryLen !== 1 || at < seq.promptLen || usesPenalties(seq.params) || seq.needsPromptLogits) return 0;
+      steps = Math.min(steps, this.cacheTokens(seq) - at);
     }
     return Math.max(0, steps);
   }
@@ -225,48 +232,83 @@ export class Scheduler {
     return true;
   }
 
-  /** The batch of `steps` steps, `ahead` decode steps past what is committed (their tokens not known yet). */
-  private buildBatch(seqs: Sequence[], queryLens: number[], steps: number, ahead: number): StepBatch {
-    const numSeqs = seqs.length;
+  /** The batch of `steps` steps; `carry`: decode rows with a call in flight take their input from it. */
+  private buildBatch(rows: Row[], steps: number, carry: boolean): StepBatch {
+    const numSeqs = rows.length;
     const queryStarts = new Int32Array(numSeqs + 1);
     const contextLens = new Int32Array(numSeqs);
     const sample = new Uint8Array(numSeqs);
-    seqs.forEach((seq, i) => {
-      queryStarts[i + 1] = queryStarts[i] + queryLens[i];
-      contextLens[i] = seq.computed + ahead + queryLens[i];
-      sample[i] = seq.samplesAt(contextLens[i] - ahead) ? 1 : 0; // the steps ahead are decodes
+    const fromPrevious = new Int32Array(numSeqs).fill(-1);
+    rows.forEach(({ seq, queryLen, ahead }, i) => {
+      queryStarts[i + 1] = queryStarts[i] + queryLen;
+      contextLens[i] = seq.computed + ahead.positions + queryLen;
+      // It samples once the cache holds every token it has, those the call in flight draws included.
+      sample[i] = seq.samplesAt(contextLens[i] - ahead.draws) ? 1 : 0;
+      if (ahead.draws > 0) fromPrevious[i] = ahead.row;
       this.blocks.grow(seq.blocks!, contextLens[i] + steps - 1);
     });
 
+    // Host tokens for every row whose input is known here; a carried row's entry is a placeholder.
     const tokens = new Int32Array(queryStarts[numSeqs]);
-    if (ahead === 0) seqs.forEach((seq, i) => tokens.set(seq.tokens.slice(seq.computed, contextLens[i]), queryStarts[i]));
+    rows.forEach(({ seq, queryLen, ahead }, i) => {
+      if (ahead.draws === 0) tokens.set(seq.tokens.slice(contextLens[i] - queryLen, contextLens[i]), queryStarts[i]);
+    });
 
     // One width for the batch, covering every position the steps write; a shorter row's tail is never read.
     const blocksFor = (len: number) => this.blocks.blocksFor(len + steps - 1);
     const blockTableWidth = Math.max(...contextLens.map(blocksFor));
     const blockTables = new Int32Array(numSeqs * blockTableWidth);
-    seqs.forEach((seq, i) => {
+    rows.forEach(({ seq }, i) => {
       blockTables.set(seq.blocks!.table.slice(0, blocksFor(contextLens[i])), i * blockTableWidth);
     });
 
-    const allLogits = seqs.some((seq) => seq.inPrefill && seq.needsPromptLogits);
-    return {
+    const allLogits = rows.some(({ seq, queryLen }, i) => contextLens[i] - queryLen < seq.promptLen && seq.needsPromptLogits);
+    const batch: StepBatch = {
       tokens,
       queryStarts,
       contextLens,
       blockTables,
       blockTableWidth,
       sample,
-      sampling: samplingBatch(seqs, sample, ahead),
+      sampling: samplingBatch(rows, sample),
       returnLogits: allLogits ? "all" : "none",
       steps,
-      continues: ahead > 0,
     };
+    if (carry) batch.fromPrevious = fromPrevious;
+    return batch;
   }
 }
 
-/** `ahead`: decode steps queued past what is committed, each one more draw of the sequence's stream. */
-function samplingBatch(seqs: Sequence[], sample: Uint8Array, ahead: number): SamplingBatch {
+/** A sequence's part in a step: its new tokens, and what the call in flight adds before them. */
+interface Row {
+  seq: Sequence;
+  queryLen: number;
+  ahead: Ahead;
+}
+
+/** What a call in flight adds to a sequence, not yet committed: positions, draws, and its row there. */
+interface Ahead {
+  positions: number;
+  draws: number;
+  row: number;
+}
+
+const idle: Ahead = { positions: 0, draws: 0, row: -1 };
+
+function aheadOf(step: ScheduledStep | null): Map<Sequence, Ahead> {
+  const ahead = new Map<Sequence, Ahead>();
+  if (!step) return ahead;
+  const steps = step.batch.steps ?? 1;
+  step.seqs.forEach((seq, row) => {
+    const draws = step.batch.sample[row] ? steps : 0;
+    ahead.set(seq, { positions: step.queryLens[row] + steps - 1, draws, row });
+  });
+  return ahead;
+}
+
+/** Each row's draw counter counts on past the draws of the call in flight. */
+function samplingBatch(rows: Row[], sample: Uint8Array): SamplingBatch {
+  const seqs = rows.map((r) => r.seq);
   const n = seqs.length;
   const b: SamplingBatch = {
     temperature: new Float32Array(n),
@@ -295,7 +337,7 @@ function samplingBatch(seqs: Sequence[], sample: Uint8Array, ahead: number): Sam
     b.frequencyPenalty[i] = p.frequencyPenalty;
     b.presencePenalty[i] = p.presencePenalty;
     b.seed[i] = p.seed;
-    b.counter[i] = seq.generated + ahead;
+    b.counter[i] = seq.generated + rows[i].ahead.draws;
     b.historyStarts[i + 1] = b.historyStarts[i] + (withHistory[i] ? seq.tokens.length : 0);
     b.promptLens[i] = withHistory[i] ? seq.promptLen : 0;
     if (sample[i]) b.topLogprobs = Math.max(b.topLogprobs, p.logprobs ?? 0);

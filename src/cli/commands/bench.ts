@@ -4,7 +4,7 @@ import { fail } from "../../errors.js";
 import { Rng } from "../../model/random.js";
 import { Engine } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
-import { deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
+import { asyncSchedulingOption, deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
 
 type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
 
@@ -46,7 +46,7 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "new tokens per request", { min: 1 }).default(256))
     .addOption(integerOption("--repeat <n>", "timed runs per batch size (the median is reported)", { min: 1 }).default(3))
     .addOption(integerOption("--decode-steps <n>", "decode steps per backend call (default: the engine's)", { min: 1 }))
-    .option("--no-async-scheduling", "queue each decode call only once the last one's tokens are back")
+    .addOption(asyncSchedulingOption())
     .option("--json", "print JSON instead of a table");
   for (const option of samplerOptions()) command.addOption(option);
   command.action(async (opts: BenchOptions) => {

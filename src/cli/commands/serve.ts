@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import { fail, oneLine } from "../../errors.js";
 import { Engine } from "../../runtime/engine.js";
 import { buildServer } from "../../server/app.js";
-import { type ModelOptions, deviceOption, dtypeOption, integerOption, modelOption, numberOption } from "../options.js";
+import { type ModelOptions, asyncSchedulingOption, deviceOption, dtypeOption, integerOption, modelOption, numberOption } from "../options.js";
 
 /** The flags of a served engine (commander names them as Engine.load's options), for serve and bench-serve. */
 export interface ServingOptions extends ModelOptions {
@@ -14,6 +14,7 @@ export interface ServingOptions extends ModelOptions {
   kvMemoryFraction?: number;
   numBlocks?: number;
   prefixCaching: boolean;
+  asyncScheduling: boolean;
 }
 
 interface ServeOptions extends ServingOptions {
@@ -49,7 +50,8 @@ export function addServingOptions(command: Command): Command {
     .addOption(integerOption("--max-waiting <n>", "most queued requests; past it requests get 503 (default 256)", { min: 1 }))
     .addOption(numberOption("--kv-memory-fraction <f>", "share of the free GPU memory for the KV cache", { above: 0, max: 1 }))
     .addOption(integerOption("--num-blocks <n>", "KV cache blocks, instead of the backend's choice", { min: 1 }))
-    .option("--no-prefix-caching", "don't reuse the KV blocks of earlier prompts' common prefixes");
+    .option("--no-prefix-caching", "don't reuse the KV blocks of earlier prompts' common prefixes")
+    .addOption(asyncSchedulingOption());
 }
 
 /** Load the model and serve it: listening when this resolves. */
@@ -63,6 +65,7 @@ export async function startServing(opts: ServingOptions, host: string, port: num
     kvMemoryFraction: opts.kvMemoryFraction,
     numBlocks: opts.numBlocks,
     prefixCaching: opts.prefixCaching,
+    asyncScheduling: opts.asyncScheduling,
     warmupSeqs: Number.MAX_SAFE_INTEGER, // every batch size the engine may run: no step waits for a capture
   });
   const app = buildServer(engine, { apiKey: opts.apiKey, servedModelName: opts.servedModelName });

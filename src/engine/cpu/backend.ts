@@ -81,7 +81,7 @@ export class CpuBackend implements Backend {
   }
 
   private readonly calls = new StepSequence(
-    (batch) => validateBatch(batch, this.config, this.kv, this.maxSteps),
+    (batch) => validateBatch(batch, this),
     (batch) => runSteps(batch, async (b) => this.stepOnce(b)),
   );
 

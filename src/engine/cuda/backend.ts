@@ -147,7 +147,7 @@ export class CudaBackend implements Backend {
   async step(batch: StepBatch): Promise<StepResult> {
     const model = this.model;
     if (!model) fail("device", "the CUDA backend is closed");
-    validateBatch(batch, this.config, this.kv, this.maxSteps);
+    validateBatch(batch, this);
     const r = await nativeAsync(() => model.step(toNative(batch)));
     return {
       tokens: r.tokens,
