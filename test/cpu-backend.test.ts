@@ -259,13 +259,15 @@ describe("CPU backend: step results", () => {
     assert.deepEqual([...tail.tokens], [...byStep(3), ...byStep(4), ...byStep(5)]);
     const alone = await backend.step(batchOf([fresh]));
     assert.equal(middle.tokens[1], alone.tokens[0], "the new prompt ran as it would alone");
-    // A row the step before sampled nothing for, or does not have; nothing after a refusal.
+    // A row the step before sampled nothing for, or does not have. A refused batch is no step: the rows of
+    // the step before it are still there for the next.
     await backend.step(batchOf([{ ...seqs[0], sample: false }, seqs[1]]));
     const carried = (rows: number[]) => ({ ...batchOf([decode(0, 0), decode(1, 0)]), fromPrevious: Int32Array.from(rows) });
     await assert.rejects(backend.step(carried([0, 1])), /fromPrevious\[0\] = 0 names a row the step before sampled no token for/);
     await backend.step(batchOf(seqs));
     await assert.rejects(backend.step(carried([1, 2])), /fromPrevious\[1\] = 2 names a row/);
-    await assert.rejects(backend.step(carried([0, 1])), /fromPrevious\[0\] = 0 names a row/);
+    await assert.rejects(backend.step({ ...carried([0, 1]), steps: 0 }), /steps = 0/);
+    assert.deepEqual([...(await backend.step(carried([0, 1]))).tokens], [...explicit.tokens.slice(0, 2)]);
   });
 
   it("samples each sequence with its own penalties and history", async () => {

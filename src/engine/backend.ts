@@ -24,7 +24,8 @@ export interface Backend {
   readonly maxBatchSeqs: number;
   /**
    * Run a step. Steps run in the order they are asked for, and the next may be asked for before this one's
-   * result is back (a call queued behind the one in flight: see StepBatch.fromPrevious).
+   * result is back (a call queued behind the one in flight: see StepBatch.fromPrevious). A batch refused
+   * as bad is no step: it changes nothing, so the one after it carries from the step before it.
    */
   step(batch: StepBatch): Promise<StepResult>;
   close(): Promise<void>;

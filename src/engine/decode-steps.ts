@@ -55,11 +55,12 @@ export class StepSequence {
     return result;
   }
 
+  /** A refused batch is no step: it runs nothing and leaves the last step's tokens to the next batch. */
   private async next(batch: StepBatch): Promise<StepResult> {
-    const last = this.last;
-    this.last = null;
     this.validate(batch);
-    const result = await this.run(batch.fromPrevious ? { ...batch, tokens: carried(batch, last) } : batch);
+    const tokens = batch.fromPrevious ? carried(batch, this.last) : batch.tokens;
+    this.last = null; // until this step has run
+    const result = await this.run({ ...batch, tokens });
     const n = batch.contextLens.length;
     this.last = result.tokens.slice(result.tokens.length - n);
     return result;
