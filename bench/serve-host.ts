@@ -41,7 +41,7 @@ class SimulatedDevice implements Backend {
   readonly weightBytes = 0;
   readonly maxSteps = 64;
   /** Its tokens are arbitrary, so a row carried from the step before needs nothing but the call's place in the queue. */
-  readonly continues = true;
+  readonly carries = true;
   readonly maxBatchTokens = 2048;
   readonly maxBatchSeqs = 256;
   readonly kv = { blockSize: 16, numBlocks: 8192 };

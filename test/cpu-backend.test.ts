@@ -336,9 +336,9 @@ describe("CPU backend: bad batches", () => {
   it("refuses carried rows where the backend takes no input from the step before", () => {
     const batch = { ...good(), fromPrevious: Int32Array.of(-1, 0) };
     const kv = { numBlocks: 32, blockSize: 4 };
-    validateBatch(batch, { config, kv, maxSteps: 1, continues: true });
-    assert.throws(() => validateBatch(batch, { config, kv, maxSteps: 1, continues: false }), /takes no input from the step before/);
-    validateBatch({ ...batch, fromPrevious: Int32Array.of(-1, -1) }, { config, kv, maxSteps: 1, continues: false });
+    validateBatch(batch, { config, kv, maxSteps: 1, carries: true });
+    assert.throws(() => validateBatch(batch, { config, kv, maxSteps: 1, carries: false }), /takes no input from the step before/);
+    validateBatch({ ...batch, fromPrevious: Int32Array.of(-1, -1) }, { config, kv, maxSteps: 1, carries: false });
   });
 
   for (const [what, spoil, message] of cases) {

@@ -206,7 +206,7 @@ describe("Scheduler", () => {
   });
 
   it("plans the next call from the one in flight: positions, draws and inputs counted on, within budgets", () => {
-    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, continues: true };
+    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: true };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 6 }, limits);
     const a = seqOf(promptOf(5, 1), { maxTokens: 14 });
     const b = seqOf(promptOf(3, 2), { maxTokens: 30, temperature: 1 });
@@ -257,13 +257,13 @@ describe("Scheduler", () => {
     assert.deepEqual([...chunk.batch.fromPrevious!], [-1]);
     assert.deepEqual([...chunk.batch.sample], [0]);
     // Without async scheduling nothing is planned behind a call in flight.
-    const plain = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, {}, { ...limits, continues: false });
+    const plain = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, {}, { ...limits, carries: false });
     plain.add(seqOf(promptOf(4, 6)));
     assert.equal(plain.schedule(plain.schedule()!), null);
   });
 
   it("bounds a multi-step call by the measured time per decode step", () => {
-    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, continues: false };
+    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: false };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 16, maxCallMs: 10 }, limits);
     const seq = seqOf(promptOf(4, 1), { maxTokens: 50 });
     s.add(seq);

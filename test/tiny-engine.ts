@@ -66,8 +66,8 @@ export class SpyBackend implements Backend {
   get maxSteps() {
     return this.inner.maxSteps;
   }
-  get continues() {
-    return this.inner.continues;
+  get carries() {
+    return this.inner.carries;
   }
   get weightBytes() {
     return this.inner.weightBytes;

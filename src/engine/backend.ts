@@ -18,7 +18,7 @@ export interface Backend {
   /** Most decode steps one call may run back to back (StepBatch.steps). */
   readonly maxSteps: number;
   /** Whether it runs batches whose rows take their input from the step asked for before them (StepBatch.fromPrevious). */
-  readonly continues: boolean;
+  readonly carries: boolean;
   /** Most new tokens, and most sequences, one step may carry (the device's workspace is sized for them). */
   readonly maxBatchTokens: number;
   readonly maxBatchSeqs: number;

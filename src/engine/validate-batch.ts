@@ -8,7 +8,7 @@ import type { Backend, KvCacheShape, SamplingBatch, StepBatch } from "./backend.
  * pool, sampling parameters out of range. Both backends call it, so they refuse the same batches, with one
  * line that names the field at fault.
  */
-export function validateBatch(batch: StepBatch, backend: Pick<Backend, "config" | "kv" | "maxSteps" | "continues">): void {
+export function validateBatch(batch: StepBatch, backend: Pick<Backend, "config" | "kv" | "maxSteps" | "carries">): void {
   const { config, kv } = backend;
   const { tokens, queryStarts, contextLens, blockTables, blockTableWidth, sample } = batch;
   const numSeqs = queryStarts.length - 1;
@@ -29,7 +29,7 @@ export function validateBatch(batch: StepBatch, backend: Pick<Backend, "config" 
   for (let t = 0; t < tokens.length; t++) checkToken(`tokens[${t}]`, tokens[t], config.vocabSize);
   for (let i = 0; i < numSeqs; i++) checkSequence(batch, i, config, kv);
   checkSampling(batch.sampling, sample, config.vocabSize);
-  checkFromPrevious(batch, numSeqs, backend.continues);
+  checkFromPrevious(batch, numSeqs, backend.carries);
 }
 
 /** Several steps at once are for plain decode batches only (see StepBatch.steps). */

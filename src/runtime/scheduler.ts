@@ -23,7 +23,7 @@ export interface SchedulerOptions {
   maxCallMs?: number;
   /**
    * Queue the next call behind the one in flight, before its tokens are back (default true, where the
-   * backend can: Backend.continues), so the device does not wait for the host between calls; tokens it
+   * backend can: Backend.carries), so the device does not wait for the host between calls; tokens it
    * computes past a stop are dropped.
    */
   asyncScheduling?: boolean;
@@ -63,16 +63,16 @@ export class Scheduler {
   /** Measured milliseconds per decode step (a moving average over decode-only calls); 0 until measured. */
   private msPerStep = 0;
 
-  /** `limits`: what the backend can take (Backend's maxBatchTokens, maxBatchSeqs, maxSteps, continues). */
+  /** `limits`: what the backend can take (Backend's maxBatchTokens, maxBatchSeqs, maxSteps, carries). */
   constructor(
     private readonly config: ModelConfig,
     kv: KvCacheShape,
     opts: SchedulerOptions = {},
-    limits: Pick<Backend, "maxBatchTokens" | "maxBatchSeqs" | "maxSteps" | "continues"> = {
+    limits: Pick<Backend, "maxBatchTokens" | "maxBatchSeqs" | "maxSteps" | "carries"> = {
       maxBatchTokens: Infinity,
       maxBatchSeqs: Infinity,
       maxSteps: 1,
-      continues: false,
+      carries: false,
     },
   ) {
     // By default a step takes as many tokens as the backend is sized for (2048 where it has no limit).
@@ -82,7 +82,7 @@ export class Scheduler {
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
     this.maxCallMs = opts.maxCallMs ?? 10;
-    this.asyncScheduling = (opts.asyncScheduling ?? true) && limits.continues;
+    this.asyncScheduling = (opts.asyncScheduling ?? true) && limits.carries;
     if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }

@@ -47,7 +47,7 @@ export class CpuBackend implements Backend {
   readonly kv: KvCacheShape;
   readonly description = "cpu fp32";
   readonly maxSteps = 64;
-  readonly continues = true;
+  readonly carries = true;
   readonly maxBatchTokens = Infinity;
   readonly maxBatchSeqs = Infinity;
   /** The fp32 copies it computes from: four bytes a parameter whatever the storage. */

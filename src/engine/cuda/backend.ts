@@ -50,8 +50,8 @@ export class CudaBackend implements Backend {
   readonly kv: KvCacheShape;
   readonly description: string;
   readonly maxSteps = 64;
-  /** Not yet: the native side of continuing batches waits for a GPU run (branch async-scheduling). */
-  readonly continues = false;
+  /** Not yet: the native side of carried rows waits for a GPU run (branch async-scheduling). */
+  readonly carries = false;
   readonly maxBatchTokens: number;
   readonly maxBatchSeqs: number;
 
