@@ -3,7 +3,7 @@ import { describe, it } from "node:test";
 import type { StepBatch } from "../src/engine/backend.js";
 import { DecimaError } from "../src/errors.js";
 import type { DoneEvent, Engine, GenerateEvent, GenerateRequest } from "../src/runtime/engine.js";
-import { idle, promptOf, testTokenizer, tinyEngine } from "./tiny-engine.js";
+import { type TinyOptions, idle, promptOf, testTokenizer, tinyEngine } from "./tiny-engine.js";
 
 async function collect(engine: Engine, request: GenerateRequest): Promise<GenerateEvent[]> {
   const events: GenerateEvent[] = [];
@@ -40,6 +40,123 @@ function assertPoolEmpty(engine: Engine): void {
 }
 
 const noEos = { ignoreEos: true };
+
+/** What a consumer sees of an event, timings aside. */
+function seenOf(event: GenerateEvent): unknown {
+  return event.type === "done" ? [event.finishReason, event.tokens, event.text, event.promptLogprobs] : event;
+}
+
+/**
+ * Random requests (lengths, sampling knobs, log-probs, stop tokens) sent at random points of the stream,
+ * some cancelled: each request's events must not depend on the engine's schedule (steps per call, chunk
+ * size, async scheduling), and a cancelled one's tokens must be a prefix of what it would have made.
+ */
+async function schedulesAgree(seed: number): Promise<void> {
+  // A small linear congruential generator: the same requests in every run of this seed.
+  let state = seed;
+  const rand = (n: number) => {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    return (state >>> 8) % n;
+  };
+  const shared = promptOf(32, seed); // two full blocks of 16: a prefix some prompts share (the prefix cache)
+  const specs = Array.from({ length: 16 }, (_, i) => ({
+    request: {
+      prompt: [...(rand(3) === 0 ? shared : []), ...promptOf(2 + rand(40), 100 + i)],
+      maxTokens: 1 + rand(18),
+      temperature: rand(2) ? 0 : 0.9,
+      seed: i,
+      repetitionPenalty: rand(5) === 0 ? 1.3 : 1,
+      logprobs: rand(4) === 0 ? 2 : undefined,
+      promptLogprobs: rand(6) === 0,
+      ...noEos,
+    } as GenerateRequest,
+    /** Tokens streamed (all requests together) before it is sent: the first at once. */
+    arrival: i === 0 ? 0 : rand(80),
+    /** Cancelled once it has streamed this many tokens (Infinity: never). */
+    cancelAfter: rand(6) === 0 ? 1 + rand(4) : Infinity,
+  }));
+  /**
+   * Every request's events under one engine configuration, its requests sent as the streamed tokens say;
+   * `cancel`: cancel those that are to be.
+   */
+  const run = async (opts: TinyOptions, stops: Partial<GenerateRequest>[], cancel = true) => {
+    const { engine, backend } = await tinyEngine({ maxCallMs: 1e9, ...opts });
+    let streamed = 0;
+    const pending = specs.map((spec, i) => ({ ...spec, i }));
+    const results: Promise<GenerateEvent[]>[] = new Array(specs.length);
+    const sendDue = () => {
+      for (const spec of pending.filter((p) => p.arrival <= streamed)) {
+        pending.splice(pending.indexOf(spec), 1);
+        results[spec.i] = consume(spec, stops[spec.i] ?? {});
+      }
+    };
+    const consume = async (spec: (typeof pending)[number], stop: Partial<GenerateRequest>) => {
+      const abort = new AbortController();
+      const events: GenerateEvent[] = [];
+      let own = 0;
+      for await (const event of engine.generate({ ...spec.request, ...stop, signal: abort.signal })) {
+        events.push(event);
+        if (event.type !== "token") continue;
+        if (++own >= spec.cancelAfter && cancel) abort.abort();
+        streamed++;
+        sendDue();
+      }
+      return events;
+    };
+    sendDue();
+    // Requests whose arrival no token reaches (all streamed already) go once the others are done.
+    while (pending.length > 0 || results.some((r) => r === undefined)) {
+      await Promise.all(results.filter(Boolean));
+      streamed = Infinity;
+      sendDue();
+    }
+    const events = await Promise.all(results);
+    assertPoolEmpty(engine);
+    await engine.close();
+    assert.ok(Math.max(...backend.batches.map((b) => b.contextLens.length)) >= 2, "requests ran together");
+    assert.equal(backend.batches.some(carries), opts.asyncScheduling === true, "calls queued ahead with async scheduling only");
+    return events;
+  };
+  /** `reference`: the events of a run with no cancellations. */
+  const check = (runs: GenerateEvent[][][], reference: GenerateEvent[][]) => {
+    for (const events of runs) {
+      specs.forEach((spec, i) => {
+        const done = doneOf(events[i]);
+        if (done.finishReason === "abort") {
+          assert.ok(Number.isFinite(spec.cancelAfter), `request ${i} ended as cancelled`);
+          const full = doneOf(reference[i]).tokens;
+          assert.deepEqual(done.tokens, full.slice(0, done.tokens.length), `request ${i}: cancelled, its tokens a prefix`);
+        } else {
+          assert.deepEqual(events[i].map(seenOf), reference[i].map(seenOf), `request ${i}`);
+        }
+      });
+    }
+  };
+  const configs: TinyOptions[] = [
+    { asyncScheduling: false, decodeSteps: 1 },
+    { asyncScheduling: false, decodeSteps: 4 },
+    { asyncScheduling: true, decodeSteps: 4 },
+    { asyncScheduling: true, decodeSteps: 1, maxBatchTokens: 16 },
+  ];
+  const plain = await run(configs[0], [], false);
+  check(await Promise.all(configs.map((c) => run(c, []))), plain);
+  // Again with a stop token, first met after the second token, for every other request that has one; then
+  // with a stop string (found by detokenizing, after the next call is queued) for every third.
+  const stopTokens = plain.map((events, i) => {
+    const tokens = doneOf(events).tokens;
+    const at = tokens.findIndex((id, k) => k >= 2 && !tokens.slice(0, k).includes(id));
+    return i % 2 === 0 && at > 0 ? { stopTokenIds: [tokens[at]] } : {};
+  });
+  const stopStrings = plain.map((events, i) => {
+    const text = doneOf(events).text;
+    return i % 3 === 0 && text.length >= 6 ? { stop: [text.slice(4, 6)] } : {};
+  });
+  for (const stops of [stopTokens, stopStrings]) {
+    assert.ok(stops.some((s) => Object.keys(s).length > 0), "some request stops early");
+    const stopped = await run(configs[0], stops, false);
+    check(await Promise.all(configs.map((c) => run(c, stops))), stopped);
+  }
+}
 
 /** Whether some row of the batch takes its input from the step before. */
 const carries = (batch: StepBatch) => batch.fromPrevious?.some((row) => row >= 0) ?? false;
@@ -160,56 +277,12 @@ describe("Engine", () => {
     assert.deepEqual(queued.reasons, ["stop", "stop"]);
   });
 
-  it("queues each call behind the one in flight as requests arrive and end, with the same events as without", async () => {
-    const base = { prompt: promptOf(9, 1), maxTokens: 24, ...noEos };
-    const requests: GenerateRequest[] = [
-      { prompt: promptOf(30, 2), maxTokens: 10, temperature: 0.8, seed: 3, ...noEos },
-      { prompt: promptOf(12, 3), maxTokens: 12, repetitionPenalty: 1.3, ...noEos },
-      { prompt: promptOf(17, 4), maxTokens: 8, promptLogprobs: true, logprobs: 2, ...noEos },
-      { prompt: promptOf(40, 5), maxTokens: 6, ...noEos },
-    ];
-    const seen = (events: GenerateEvent[]) => events.map((e) => (e.type === "done" ? [e.finishReason, e.tokens, e.text, e.promptLogprobs] : e));
-    const run = async (asyncScheduling: boolean, stopTokenIds: number[] = []) => {
-      // Chunks of 16 prompt tokens, so that prompts run over several calls too.
-      const { engine, backend } = await tinyEngine({ asyncScheduling, decodeSteps: 4, maxCallMs: 1e9, maxBatchTokens: 16 });
-      // The k-th token of a leading request brings request k, and a request cancelled after its first token.
-      const others: Promise<GenerateEvent[]>[] = [];
-      const cancelled = new AbortController();
-      const lead: GenerateEvent[] = [];
-      for await (const event of engine.generate({ ...base, stopTokenIds })) {
-        lead.push(event);
-        const k = lead.filter((e) => e.type === "token").length;
-        if (event.type !== "token") continue;
-        if (k <= requests.length) others.push(collect(engine, requests[k - 1]));
-        if (k === 2) {
-          const abort = { ...base, signal: cancelled.signal };
-          others.push(collect(engine, abort).then((events) => [doneOf(events)]));
-          setImmediate(() => cancelled.abort());
-        }
-      }
-      const events = await Promise.all(others);
-      assertPoolEmpty(engine);
-      await engine.close();
-      const mixed = backend.batches.filter((b) => carries(b) && b.fromPrevious!.includes(-1)).length;
-      return { lead, events, mixed };
-    };
-    const sync = await run(false);
-    const queued = await run(true);
-    assert.deepEqual(seen(queued.lead), seen(sync.lead));
-    const keep = (r: { events: GenerateEvent[][] }) => r.events.filter((e) => e.length > 1).map(seen);
-    assert.deepEqual(keep(queued), keep(sync));
-    assert.equal(keep(sync).length, requests.length);
-    for (const r of [sync, queued]) assert.ok(r.events.some((e) => e.length === 1 && doneOf(e).finishReason === "abort"));
-    assert.equal(sync.mixed, 0);
-    assert.ok(queued.mixed > 2, `${queued.mixed} calls carried some rows and took others from the host`);
-    // The leading request ended by a stop token while calls for it were queued.
-    const tokens = doneOf(sync.lead).tokens;
-    const at = tokens.findIndex((id, i) => i >= 6 && !tokens.slice(0, i).includes(id));
-    assert.ok(at > 0, "a token first seen after the sixth");
-    const stopped = await run(true, [tokens[at]]);
-    assert.equal(doneOf(stopped.lead).finishReason, "stop");
-    assert.deepEqual(doneOf(stopped.lead).tokens, tokens.slice(0, at));
-  });
+  for (const seed of [20261204, 7, 99]) {
+    it(`gives each request the same events under any schedule: random arrivals, lengths, stops, cancels and knobs (seed ${seed})`, async () => {
+      await schedulesAgree(seed);
+    });
+  }
+
 
   it("reproduces seeded sampling, alone or batched with others", async () => {
     const { engine } = await tinyEngine();
