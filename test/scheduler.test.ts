@@ -8,6 +8,9 @@ import { promptOf, testTokenizer, tinyConfig } from "./tiny-engine.js";
 
 const config = tinyConfig(64);
 
+/** What a scheduler takes from its backend. */
+type Limits = ConstructorParameters<typeof Scheduler>[3] & {};
+
 function seqOf(prompt: number[], options: SamplingOptions = {}, kind: SequenceKind = "generate"): Sequence {
   const ctx = { tokenizer: testTokenizer(), eosIds: [0], contextLength: config.maxPositionEmbeddings };
   return new Sequence(prompt, parseSamplingParams({ ignoreEos: true, ...options }), kind, ctx);
@@ -206,7 +209,8 @@ describe("Scheduler", () => {
   });
 
   it("plans the next call from the one in flight: positions, draws and inputs counted on, within budgets", () => {
-    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: true };
+    // A device backend that carries rows: async scheduling is on by default.
+    const limits: Limits = { device: "cuda", maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: true };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 6 }, limits);
     const a = seqOf(promptOf(5, 1), { maxTokens: 14 });
     const b = seqOf(promptOf(3, 2), { maxTokens: 30, temperature: 1 });
@@ -256,14 +260,23 @@ describe("Scheduler", () => {
     assert.deepEqual([...chunk.batch.tokens], promptOf(20, 5).slice(8, 16));
     assert.deepEqual([...chunk.batch.fromPrevious!], [-1]);
     assert.deepEqual([...chunk.batch.sample], [0]);
-    // Without async scheduling nothing is planned behind a call in flight.
-    const plain = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, {}, { ...limits, carries: false });
-    plain.add(seqOf(promptOf(4, 6)));
-    assert.equal(plain.schedule(plain.schedule()!), null);
+    // Without async scheduling nothing is planned behind a call in flight: where the backend carries no
+    // rows, where it is turned off, and by default on the CPU backend (nothing would overlap its steps).
+    const queuesAhead = (opts: SchedulerOptions, backend: Partial<Limits>) => {
+      const plain = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, opts, { ...limits, ...backend });
+      plain.add(seqOf(promptOf(4, 6)));
+      return plain.schedule(plain.schedule()!) !== null;
+    };
+    assert.equal(queuesAhead({}, { carries: false }), false);
+    assert.equal(queuesAhead({ asyncScheduling: true }, { carries: false }), false);
+    assert.equal(queuesAhead({ asyncScheduling: false }, {}), false);
+    assert.equal(queuesAhead({}, { device: "cpu" }), false);
+    assert.equal(queuesAhead({ asyncScheduling: true }, { device: "cpu" }), true);
+    assert.equal(queuesAhead({}, {}), true);
   });
 
   it("bounds a multi-step call by the measured time per decode step", () => {
-    const limits = { maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: false };
+    const limits: Limits = { device: "cuda", maxBatchTokens: 64, maxBatchSeqs: 8, maxSteps: 16, carries: false };
     const s = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 16, maxCallMs: 10 }, limits);
     const seq = seqOf(promptOf(4, 1), { maxTokens: 50 });
     s.add(seq);

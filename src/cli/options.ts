@@ -24,9 +24,12 @@ export function dtypeOption(description = "weight type (default: the checkpoint'
   return new Option("--dtype <dtype>", description).choices(FLOAT_DTYPES);
 }
 
-/** Turns Engine.load's asyncScheduling off (commander sets `asyncScheduling`, true unless given). */
-export function asyncSchedulingOption(): Option {
-  return new Option("--no-async-scheduling", "queue each backend call only once the last one's tokens are back");
+/** Engine.load's asyncScheduling on or off; neither flag leaves the engine's default (commander then sets none). */
+export function asyncSchedulingOptions(): Option[] {
+  return [
+    new Option("--async-scheduling", "queue each backend call behind the one in flight (default: on a GPU, not on the CPU)"),
+    new Option("--no-async-scheduling", "queue each backend call only once the last one's tokens are back"),
+  ];
 }
 
 /** Load the model, run `use`, and release the engine whatever happens. */

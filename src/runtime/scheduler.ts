@@ -22,9 +22,10 @@ export interface SchedulerOptions {
    */
   maxCallMs?: number;
   /**
-   * Queue the next call behind the one in flight, before its tokens are back (default true, where the
-   * backend can: Backend.carries), so the device does not wait for the host between calls; tokens it
-   * computes past a stop are dropped.
+   * Queue the next call behind the one in flight, before its tokens are back, so the device does not wait
+   * for the host between calls; tokens it computes past a stop are dropped. Only where the backend can
+   * (Backend.carries). Default: on for a device, off for the CPU backend, whose steps compute on the
+   * JavaScript thread itself: nothing would overlap them, and each call's tokens would come a call later.
    */
   asyncScheduling?: boolean;
   /** The most requests waiting for admission; past it new ones are refused at once (default 256). */
@@ -63,12 +64,13 @@ export class Scheduler {
   /** Measured milliseconds per decode step (a moving average over decode-only calls); 0 until measured. */
   private msPerStep = 0;
 
-  /** `limits`: what the backend can take (Backend's maxBatchTokens, maxBatchSeqs, maxSteps, carries). */
+  /** `limits`: what the backend is and can take (Backend's device, maxBatchTokens, maxBatchSeqs, maxSteps, carries). */
   constructor(
     private readonly config: ModelConfig,
     kv: KvCacheShape,
     opts: SchedulerOptions = {},
-    limits: Pick<Backend, "maxBatchTokens" | "maxBatchSeqs" | "maxSteps" | "carries"> = {
+    limits: Pick<Backend, "device" | "maxBatchTokens" | "maxBatchSeqs" | "maxSteps" | "carries"> = {
+      device: "cpu",
       maxBatchTokens: Infinity,
       maxBatchSeqs: Infinity,
       maxSteps: 1,
@@ -82,7 +84,7 @@ export class Scheduler {
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
     this.maxCallMs = opts.maxCallMs ?? 10;
-    this.asyncScheduling = (opts.asyncScheduling ?? true) && limits.carries;
+    this.asyncScheduling = (opts.asyncScheduling ?? limits.device !== "cpu") && limits.carries;
     if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }

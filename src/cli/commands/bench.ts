@@ -4,7 +4,7 @@ import { fail } from "../../errors.js";
 import { Rng } from "../../model/random.js";
 import { Engine } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
-import { asyncSchedulingOption, deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
+import { asyncSchedulingOptions, deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
 
 type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
 
@@ -14,7 +14,7 @@ interface BenchOptions extends ModelOptions, Sampler {
   genLen: number;
   repeat: number;
   decodeSteps?: number;
-  asyncScheduling: boolean;
+  asyncScheduling?: boolean;
   json?: boolean;
 }
 
@@ -46,9 +46,8 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "new tokens per request", { min: 1 }).default(256))
     .addOption(integerOption("--repeat <n>", "timed runs per batch size (the median is reported)", { min: 1 }).default(3))
     .addOption(integerOption("--decode-steps <n>", "decode steps per backend call (default: the engine's)", { min: 1 }))
-    .addOption(asyncSchedulingOption())
     .option("--json", "print JSON instead of a table");
-  for (const option of samplerOptions()) command.addOption(option);
+  for (const option of [...samplerOptions(), ...asyncSchedulingOptions()]) command.addOption(option);
   command.action(async (opts: BenchOptions) => {
     const batches = opts.batch.split(",").map((b) => Number(b));
     if (batches.some((b) => !Number.isInteger(b) || b < 1)) fail("input", `--batch must list positive integers (got "${opts.batch}")`);

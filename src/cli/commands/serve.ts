@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import { fail, oneLine } from "../../errors.js";
 import { Engine } from "../../runtime/engine.js";
 import { buildServer } from "../../server/app.js";
-import { type ModelOptions, asyncSchedulingOption, deviceOption, dtypeOption, integerOption, modelOption, numberOption } from "../options.js";
+import { type ModelOptions, asyncSchedulingOptions, deviceOption, dtypeOption, integerOption, modelOption, numberOption } from "../options.js";
 
 /** The flags of a served engine (commander names them as Engine.load's options), for serve and bench-serve. */
 export interface ServingOptions extends ModelOptions {
@@ -14,7 +14,7 @@ export interface ServingOptions extends ModelOptions {
   kvMemoryFraction?: number;
   numBlocks?: number;
   prefixCaching: boolean;
-  asyncScheduling: boolean;
+  asyncScheduling?: boolean;
 }
 
 interface ServeOptions extends ServingOptions {
@@ -41,7 +41,7 @@ export function register(program: Command): void {
 
 /** The engine and server flags that serve and bench-serve --model share. */
 export function addServingOptions(command: Command): Command {
-  return command
+  command
     .option("--api-key <key>", "the server's API key, sent as Authorization: Bearer <key> (/health needs none)")
     .option("--served-model-name <name>", "the model name clients send (default: --model as given)")
     .addOption(deviceOption())
@@ -50,8 +50,9 @@ export function addServingOptions(command: Command): Command {
     .addOption(integerOption("--max-waiting <n>", "most queued requests; past it requests get 503 (default 256)", { min: 1 }))
     .addOption(numberOption("--kv-memory-fraction <f>", "share of the free GPU memory for the KV cache", { above: 0, max: 1 }))
     .addOption(integerOption("--num-blocks <n>", "KV cache blocks, instead of the backend's choice", { min: 1 }))
-    .option("--no-prefix-caching", "don't reuse the KV blocks of earlier prompts' common prefixes")
-    .addOption(asyncSchedulingOption());
+    .option("--no-prefix-caching", "don't reuse the KV blocks of earlier prompts' common prefixes");
+  for (const option of asyncSchedulingOptions()) command.addOption(option);
+  return command;
 }
 
 /** Load the model and serve it: listening when this resolves. */
