@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything decima checks on the GPU machine, in one call of the device tool (few, full calls):
-#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [fusions] [calls] [serve] [kernels] [profile] [anchors] [compile] [fixtures]
+#   tools/gpu-check.sh [tests] [parity] [bench] [quant] [fusions] [calls] [serve] [kernels] [profile] [timeline] [anchors]
+#     [compile] [fixtures]
 #   (profile after quant also profiles the int4 engine; fusions and calls need quant's engines)
 # It expects the build from this machine carried along: dist/, build/native/decima.node, .device/ (node),
 # .carry/node_modules (production dependencies). Logs and results go to $OUT.
@@ -131,6 +132,21 @@ if has profile; then
   done
   if [ -d /tmp/dc1b-int4 ]; then  # made by the quant section
     DECIMA_PROFILE=1 $cli bench --model /tmp/dc1b-int4 --device cuda --batch 1 --prompt-len 128 --gen-len 64 --repeat 1 2>&1 | tail -22 | tee -a "$OUT/profile.txt"
+  fi
+fi
+
+if has timeline; then
+  step "one int4 decode step inside its graph, kernel by kernel (Nsight Systems)"
+  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  if [ -z "$nsys" ]; then
+    echo "no nsys on this machine"
+  else
+    [ -d $model ] || $cli create-model --preset decicoder-1b --out $model > /dev/null
+    [ -d /tmp/dc1b-int4 ] || $cli build --model $model --out /tmp/dc1b-int4 --quant int4 --dtype bfloat16 > /dev/null
+    "$nsys" profile --cuda-graph-trace=node --trace=cuda --force-overwrite true --output "$OUT/timeline" \
+      $cli bench --model /tmp/dc1b-int4 --device cuda --batch 1 --prompt-len 128 --gen-len 256 --repeat 1 > /dev/null
+    "$nsys" stats --report cuda_gpu_trace --format csv --force-export true --output "$OUT/timeline" "$OUT/timeline.nsys-rep" > /dev/null
+    python3 tools/timeline.py "$OUT/timeline_cuda_gpu_trace.csv" | tee "$OUT/timeline.txt"
   fi
 fi
 
