@@ -22,13 +22,14 @@ async function direct(engine: Engine, request: GenerateRequest): Promise<{ text:
   return { text, tokens };
 }
 
-describe("server: OpenAI completions", () => {
+// The engine's schedule must not show through the API: the same answers with async scheduling off and on.
+for (const asyncScheduling of [false, true]) describe(`server: OpenAI completions (async scheduling ${asyncScheduling ? "on" : "off"})`, () => {
   let server: TestServer;
   let engine: Engine;
   let client: OpenAI;
 
   before(async () => {
-    engine = (await tinyEngine()).engine;
+    engine = (await tinyEngine({ asyncScheduling })).engine;
     server = await startServer(engine);
     client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "unused", maxRetries: 0 });
   });
