@@ -2,7 +2,7 @@
 // once the engine loop, detokenization and the HTTP streams take their share of the one JavaScript thread.
 //
 //   node dist/bench/serve-host.js [--decode-ms 1.3] [--per-seq-ms 0.023] [--prefill-us 4.5] [--no-async-scheduling]
-//     -- BENCH-SERVE ARGS
+//     [--max-call-ms MS] -- BENCH-SERVE ARGS
 //
 // The simulated device takes (decode-ms + per-seq-ms x sequences) per decode step plus prefill-us per prompt
 // token, off the main thread (a worker sleeps that long, one step after another, as a GPU stream runs
@@ -108,7 +108,9 @@ async function main(): Promise<void> {
   const files = buildTokenizerFiles({ vocabSize: config.vocabSize });
   const tokenizer = Tokenizer.fromObjects(files.tokenizerJson, files.tokenizerConfig);
   const backend = new SimulatedDevice(config, model);
-  const engine = new Engine({ backend, tokenizer, modelId: "simulated", asyncScheduling: !own.includes("--no-async-scheduling") });
+  const asyncScheduling = !own.includes("--no-async-scheduling");
+  const maxCallMs = own.includes("--max-call-ms") ? flag(own, "--max-call-ms", 0) : undefined;
+  const engine = new Engine({ backend, tokenizer, modelId: "simulated", asyncScheduling, maxCallMs });
   const app = buildServer(engine);
   const address = await app.listen({ host: "127.0.0.1", port: 0 });
 
