@@ -295,5 +295,12 @@ describe("Scheduler", () => {
     assert.equal(decode().batch.steps, 4, "10 ms at 2.5 ms per step");
     s.observe(s.schedule()!, 1e6 / 100); // a slow call: one step per call, never none
     assert.equal(s.schedule()!.batch.steps, 1);
+    // With async scheduling the default call is half as long: the call queued behind it waits too.
+    const queued = new Scheduler(config, { numBlocks: 64, blockSize: 4 }, { decodeSteps: 16 }, { ...limits, carries: true });
+    const other = seqOf(promptOf(4, 2), { maxTokens: 50 });
+    queued.add(other);
+    complete(queued, queued.schedule()!);
+    queued.observe(queued.schedule()!, 16 * 2.5);
+    assert.equal(queued.schedule()!.batch.steps, 2, "5 ms at 2.5 ms per step");
   });
 });

@@ -16,9 +16,10 @@ export interface SchedulerOptions {
    */
   decodeSteps?: number;
   /**
-   * The longest a multi-step call may run, in milliseconds (default 10): a request that arrives during one
-   * waits that long at most for its prefill to start (twice that with async scheduling, which may have
-   * queued the next call already). Steps are counted from the measured time per step.
+   * The longest a multi-step call may run, in milliseconds (default 10, and 5 with async scheduling): a
+   * request that arrives during one waits about that long at most for its prefill to start (with async
+   * scheduling, for the call in flight and the one queued behind it, whose host turns cost the device
+   * nothing). Steps are counted from the measured time per step.
    */
   maxCallMs?: number;
   /**
@@ -83,8 +84,8 @@ export class Scheduler {
     this.maxBatchSeqs = Math.min(positiveInt("maxBatchSeqs", opts.maxBatchSeqs ?? 256), limits.maxBatchSeqs);
     this.maxWaiting = positiveInt("maxWaiting", opts.maxWaiting ?? 256);
     this.decodeSteps = Math.min(positiveInt("decodeSteps", opts.decodeSteps ?? 16), limits.maxSteps);
-    this.maxCallMs = opts.maxCallMs ?? 10;
     this.asyncScheduling = (opts.asyncScheduling ?? limits.device !== "cpu") && limits.carries;
+    this.maxCallMs = opts.maxCallMs ?? (this.asyncScheduling ? 5 : 10);
     if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
   }
