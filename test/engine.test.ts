@@ -41,15 +41,19 @@ function assertPoolEmpty(engine: Engine): void {
 
 const noEos = { ignoreEos: true };
 
+/** What a consumer of the engine saw: a request's events, or the logits of engine.logits(). */
+type Seen = GenerateEvent | { type: "logits"; rows: Float32Array[] };
+
 /** What a consumer sees of an event, timings aside. */
 function seenOf(event: GenerateEvent): unknown {
   return event.type === "done" ? [event.finishReason, event.tokens, event.text, event.promptLogprobs] : event;
 }
 
 /**
- * Random requests (lengths, sampling knobs, log-probs, stop tokens) sent at random points of the stream,
- * some cancelled: each request's events must not depend on the engine's schedule (steps per call, chunk
- * size, async scheduling), and a cancelled one's tokens must be a prefix of what it would have made.
+ * Random requests (lengths, sampling knobs, log-probs, stop tokens, teacher-forced logits) sent at random
+ * points of the stream, some cancelled: what each consumer sees must not depend on the engine's schedule
+ * (steps per call, chunk size, async scheduling), and a cancelled request's tokens must be a prefix of what
+ * it would have made.
  */
 async function schedulesAgree(seed: number): Promise<void> {
   // A small linear congruential generator: the same requests in every run of this seed.
@@ -74,6 +78,8 @@ async function schedulesAgree(seed: number): Promise<void> {
     arrival: i === 0 ? 0 : rand(80),
     /** Cancelled once it has streamed this many tokens (Infinity: never). */
     cancelAfter: rand(6) === 0 ? 1 + rand(4) : Infinity,
+    /** Teacher-forced logits of the prompt instead (engine.logits), for some after the first. */
+    logits: i > 0 && rand(8) === 0,
   }));
   /**
    * Every request's events under one engine configuration, its requests sent as the streamed tokens say;
@@ -83,14 +89,15 @@ async function schedulesAgree(seed: number): Promise<void> {
     const { engine, backend } = await tinyEngine({ maxCallMs: 1e9, ...opts });
     let streamed = 0;
     const pending = specs.map((spec, i) => ({ ...spec, i }));
-    const results: Promise<GenerateEvent[]>[] = new Array(specs.length);
+    const results: Promise<Seen[]>[] = new Array(specs.length);
     const sendDue = () => {
       for (const spec of pending.filter((p) => p.arrival <= streamed)) {
         pending.splice(pending.indexOf(spec), 1);
         results[spec.i] = consume(spec, stops[spec.i] ?? {});
       }
     };
-    const consume = async (spec: (typeof pending)[number], stop: Partial<GenerateRequest>) => {
+    const consume = async (spec: (typeof pending)[number], stop: Partial<GenerateRequest>): Promise<Seen[]> => {
+      if (spec.logits) return [{ type: "logits", rows: await engine.logits(spec.request.prompt as number[]) }];
       const abort = new AbortController();
       const events: GenerateEvent[] = [];
       let own = 0;
@@ -118,16 +125,20 @@ async function schedulesAgree(seed: number): Promise<void> {
     return events;
   };
   /** `reference`: the events of a run with no cancellations. */
-  const check = (runs: GenerateEvent[][][], reference: GenerateEvent[][]) => {
+  const check = (runs: Seen[][][], reference: Seen[][]) => {
     for (const events of runs) {
       specs.forEach((spec, i) => {
-        const done = doneOf(events[i]);
+        if (spec.logits) {
+          assert.deepEqual(events[i], reference[i], `request ${i}: logits`);
+          return;
+        }
+        const done = doneOf(events[i] as GenerateEvent[]);
         if (done.finishReason === "abort") {
           assert.ok(Number.isFinite(spec.cancelAfter), `request ${i} ended as cancelled`);
-          const full = doneOf(reference[i]).tokens;
+          const full = doneOf(reference[i] as GenerateEvent[]).tokens;
           assert.deepEqual(done.tokens, full.slice(0, done.tokens.length), `request ${i}: cancelled, its tokens a prefix`);
         } else {
-          assert.deepEqual(events[i].map(seenOf), reference[i].map(seenOf), `request ${i}`);
+          assert.deepEqual((events[i] as GenerateEvent[]).map(seenOf), (reference[i] as GenerateEvent[]).map(seenOf), `request ${i}`);
         }
       });
     }
@@ -142,13 +153,14 @@ async function schedulesAgree(seed: number): Promise<void> {
   check(await Promise.all(configs.map((c) => run(c, []))), plain);
   // Again with a stop token, first met after the second token, for every other request that has one; then
   // with a stop string (found by detokenizing, after the next call is queued) for every third.
+  const generated = (events: Seen[], i: number) => (specs[i].logits ? null : doneOf(events as GenerateEvent[]));
   const stopTokens = plain.map((events, i) => {
-    const tokens = doneOf(events).tokens;
+    const tokens = generated(events, i)?.tokens ?? [];
     const at = tokens.findIndex((id, k) => k >= 2 && !tokens.slice(0, k).includes(id));
     return i % 2 === 0 && at > 0 ? { stopTokenIds: [tokens[at]] } : {};
   });
   const stopStrings = plain.map((events, i) => {
-    const text = doneOf(events).text;
+    const text = generated(events, i)?.text ?? "";
     return i % 3 === 0 && text.length >= 6 ? { stop: [text.slice(4, 6)] } : {};
   });
   for (const stops of [stopTokens, stopStrings]) {
