@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import type { StepBatch, StepResult } from "../src/engine/backend.js";
 import { CpuBackend } from "../src/engine/cpu/backend.js";
+import { StepSequence } from "../src/engine/decode-steps.js";
 import { validateBatch } from "../src/engine/validate-batch.js";
 import { nextToken, samplingParams } from "../src/engine/cpu/sampler.js";
 import { DecimaError } from "../src/errors.js";
@@ -282,6 +283,27 @@ describe("CPU backend: step results", () => {
       assert.equal(r.tokens[i], nextToken(row(r.logits, i, vocab), samplingParams(batch.sampling, i)));
     });
     assert.deepEqual(Array.from(samplingParams(batch.sampling, 1).history), [20]);
+  });
+
+  it("counts a carried row's input into its penalty history, as the last generated token", async () => {
+    const ran: StepBatch[] = [];
+    const sampled = [Int32Array.of(7, 9), Int32Array.of(5, 6)];
+    const calls = new StepSequence(
+      () => {},
+      async (b) => {
+        ran.push(b);
+        const tokens = sampled[ran.length - 1];
+        return { tokens, logprobs: new Float32Array(2), topTokens: new Int32Array(0), topLogprobs: new Float32Array(0) };
+      },
+    );
+    const withPenalty: Seq = { tokens: [1, 2, 3], blocks: [0], history: [1, 2, 3], promptLen: 3, repetitionPenalty: 2 };
+    const plain: Seq = { tokens: [4], blocks: [1] };
+    await calls.step(batchOf([plain, withPenalty]));
+    await calls.step({ ...batchOf([{ ...withPenalty, tokens: [0], past: 3 }, { ...plain, tokens: [0], past: 1 }]), fromPrevious: Int32Array.of(1, 0) });
+    assert.deepEqual([...ran[1].tokens], [9, 7]);
+    assert.deepEqual([...ran[1].sampling.history], [1, 2, 3, 9]);
+    assert.deepEqual([...ran[1].sampling.historyStarts], [0, 4, 4]);
+    assert.deepEqual([...ran[1].sampling.promptLens], [3, 0]);
   });
 
   it("runs bfloat16 weights as their fp32 values", async () => {

@@ -289,7 +289,8 @@ describe("Engine", () => {
     assert.deepEqual(queued.reasons, ["stop", "stop"]);
   });
 
-  for (const seed of [20261204, 7, 99]) {
+  // Of 120 seeds tried, these three also catch a carried row whose penalty history lacks its input.
+  for (const seed of [21, 37, 75]) {
     it(`gives each request the same events under any schedule: random arrivals, lengths, stops, cancels and knobs (seed ${seed})`, async () => {
       await schedulesAgree(seed);
     });

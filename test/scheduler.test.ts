@@ -245,13 +245,16 @@ describe("Scheduler", () => {
     assert.deepEqual([...mixed.batch.fromPrevious!], [0, 1, -1, -1]);
     assert.deepEqual([...mixed.batch.tokens.slice(2)], [...promptOf(4, 3), ...promptOf(2, 4)]);
     assert.equal(mixed.batch.steps, 1);
-    // Behind it: a has no token left, c decodes from its prompt's sample, d (penalties) sits the call out.
+    // Behind it: a has no token left; c and d decode from their prompts' samples, d's penalty history
+    // lacking that token (the backend counts it in); one step, as d's penalties need the host between steps.
     for (let k = 0; k < 6; k++) complete(s, { ...next, seqs: [a, b], queryLens: [1, 1] });
     const behind = s.schedule(mixed)!;
-    assert.deepEqual(behind.seqs, [b, c]);
-    assert.deepEqual([...behind.batch.fromPrevious!], [1, 2]);
-    assert.deepEqual([...behind.batch.contextLens], [3 + 12 + 1 + 1, 4 + 1]);
-    assert.equal(behind.batch.steps, 1, "d runs, so not every running sequence is in the call");
+    assert.deepEqual(behind.seqs, [b, c, d]);
+    assert.deepEqual([...behind.batch.fromPrevious!], [1, 2, 3]);
+    assert.deepEqual([...behind.batch.contextLens], [3 + 12 + 1 + 1, 4 + 1, 2 + 1]);
+    const h = behind.batch.sampling;
+    assert.deepEqual([...h.history.subarray(h.historyStarts[2], h.historyStarts[3])], promptOf(2, 4));
+    assert.equal(behind.batch.steps, 1);
     // A prompt in chunks: the next chunk is planned behind the one in flight, from host tokens.
     const chunked = new Scheduler(config, { numBlocks: 16, blockSize: 4 }, { maxBatchTokens: 8 }, limits);
     const long = seqOf(promptOf(20, 5));

@@ -70,8 +70,9 @@ export interface StepBatch {
   /**
    * Per sequence, -1 or a row of the step asked for just before this one: the token that step sampled last
    * for that row is this sequence's one new token (its entry in `tokens` is ignored), so the batch can be
-   * queued before that result is back. Such a row decodes: one new token, sampled, no penalties (their
-   * history would lack the token). The row it names must have sampled at that step's last step.
+   * queued before that result is back. Such a row decodes: one new token, sampled. Its penalty history, if
+   * it has one, lacks that token, which the backend counts in as the last generated one. The row it names
+   * must have sampled at that step's last step.
    */
   fromPrevious?: Int32Array;
 }

@@ -58,23 +58,34 @@ export class StepSequence {
   /** A refused batch is no step: it runs nothing and leaves the last step's tokens to the next batch. */
   private async next(batch: StepBatch): Promise<StepResult> {
     this.validate(batch);
-    const tokens = batch.fromPrevious ? carried(batch, this.last) : batch.tokens;
+    const run = batch.fromPrevious ? carried(batch, this.last) : batch;
     this.last = null; // until this step has run
-    const result = await this.run({ ...batch, tokens });
+    const result = await this.run(run);
     const n = batch.contextLens.length;
     this.last = result.tokens.slice(result.tokens.length - n);
     return result;
   }
 }
 
-/** The batch's tokens with each carried row's input taken from `last` (the call before's last sampled tokens). */
-function carried(batch: StepBatch, last: Int32Array | null): Int32Array {
+/**
+ * The batch with each carried row's input taken from `last` (the call before's last sampled tokens), and
+ * appended to the row's penalty history, if it has one.
+ */
+function carried(batch: StepBatch, last: Int32Array | null): StepBatch {
   const tokens = batch.tokens.slice();
+  const { history, historyStarts } = batch.sampling;
+  const histories: number[] = [];
+  const starts = new Int32Array(historyStarts.length);
   batch.fromPrevious!.forEach((row, i) => {
-    if (row === -1) return;
-    const token = last?.[row] ?? -1;
-    if (token < 0) fail("input", `step batch: fromPrevious[${i}] = ${row} names a row the step before sampled no token for`);
-    tokens[batch.queryStarts[i]] = token;
+    const own = Array.from(history.subarray(historyStarts[i], historyStarts[i + 1]));
+    if (row !== -1) {
+      const token = last?.[row] ?? -1;
+      if (token < 0) fail("input", `step batch: fromPrevious[${i}] = ${row} names a row the step before sampled no token for`);
+      tokens[batch.queryStarts[i]] = token;
+      if (own.length > 0) own.push(token);
+    }
+    histories.push(...own);
+    starts[i + 1] = histories.length;
   });
-  return tokens;
+  return { ...batch, tokens, sampling: { ...batch.sampling, history: Int32Array.from(histories), historyStarts: starts } };
 }

@@ -43,20 +43,19 @@ function checkSteps(batch: StepBatch, maxSteps: number): void {
   if (batch.sampling.history.length > 0) bad(`steps = ${steps} cannot apply penalties`);
 }
 
-/** A row whose input is the step before's token decodes, samples and has no penalties (StepBatch.fromPrevious). */
+/** A row whose input is the step before's token decodes and samples (StepBatch.fromPrevious). */
 function checkFromPrevious(batch: StepBatch, numSeqs: number, supported: boolean): void {
   const from = batch.fromPrevious;
   if (!from) return;
   expectLength("fromPrevious", from, numSeqs);
   if (!supported && from.some((row) => row !== -1)) bad("this backend takes no input from the step before (fromPrevious)");
-  const { queryStarts, sample, sampling } = batch;
+  const { queryStarts, sample } = batch;
   for (let i = 0; i < numSeqs; i++) {
     if (from[i] === -1) continue;
     const what = `fromPrevious[${i}] = ${from[i]}`;
     if (from[i] < 0) bad(`${what} must be -1 or a row of the step before`);
     if (queryStarts[i + 1] - queryStarts[i] !== 1) bad(`${what}: sequence ${i} must have one new token`);
     if (!sample[i]) bad(`${what}: sequence ${i} must sample`);
-    if (sampling.historyStarts[i + 1] > sampling.historyStarts[i]) bad(`${what}: sequence ${i} cannot apply penalties`);
   }
 }
 

@@ -44,9 +44,9 @@ export interface ScheduledStep {
 }
 
 /**
- * Continuous batching: every step carries one decode token of each running sequence (but one that sits out
- * a queued call, see schedule()), then prefill work (prompts in chunks, within the step's token budget),
- * and admits waiting requests in arrival order as the KV pool allows.
+ * Continuous batching: every step carries one decode token of each running sequence, then prefill work
+ * (prompts in chunks, within the step's token budget), and admits waiting requests in arrival order as the
+ * KV pool allows.
  *
  * Admission reserves every block a request can ever need, so a running sequence never runs out of KV
  * space and nothing is ever preempted: simple and safe, at the price of admitting fewer long requests
@@ -133,8 +133,7 @@ export class Scheduler {
    * `inFlight` (the one call launched and not committed) runs: it is then planned as if that call were
    * done, every sequence's positions and draws counted on, and a decode row takes its input from its
    * sequence's row there (StepBatch.fromPrevious). A sequence may end within that call (a stop token or
-   * string): its tokens in this one are dropped then. One with penalties sits this call out, as its
-   * history would lack its last token.
+   * string): its tokens in this one are dropped then.
    */
   schedule(inFlight: ScheduledStep | null = null): ScheduledStep | null {
     if (inFlight && !this.asyncScheduling) return null;
@@ -167,20 +166,20 @@ export class Scheduler {
 
   /**
    * Whether the sequence decodes in the next step: it is past its prompt (counting the call in flight) and
-   * has room for another token; with a call in flight, that call samples for it and it has no penalties.
+   * has room for another token; with a call in flight, that call samples for it.
    */
   private decodes(seq: Sequence, ahead: Ahead | undefined): boolean {
     if (seq.kind !== "generate") return false;
     if (!ahead) return !seq.inPrefill;
-    const at = seq.computed + ahead.positions;
-    return ahead.draws > 0 && at < this.cacheTokens(seq) && !usesPenalties(seq.params);
+    return ahead.draws > 0 && seq.computed + ahead.positions < this.cacheTokens(seq);
   }
 
   /**
    * How many decode steps the rows may run in one call: 0 unless every running sequence is in it and
-   * decodes, none needs the host between tokens (penalties read the growing history) and nobody waits for
-   * admission; then as many as fit in the call's time, and no sequence runs past its token budget or
-   * reserved cache within them (counting the steps of the call in flight).
+   * decodes, none needs the host between tokens (penalties read the growing history: a call in flight
+   * with one of them is thus one step long, and a row carried from it lacks only its input in its history)
+   * and nobody waits for admission; then as many as fit in the call's time, and no sequence runs past its
+   * token budget or reserved cache within them (counting the steps of the call in flight).
    */
   private decodeRun(rows: Row[]): number {
     if (this.waiting.length > 0 || rows.length !== this.running.length) return 0;
