@@ -166,7 +166,11 @@ describe("decima bench", () => {
         ],
       );
       for (const row of result.rows) assert.ok(row.stepMs > 0 && row.decodeTokensPerS > 0, JSON.stringify(row));
+      // The CPU backend's defaults: no async scheduling, so 10 ms calls.
+      assert.deepEqual(result.scheduling, { asyncScheduling: false, decodeSteps: 16, maxCallMs: 10 });
     }
+    const queued = JSON.parse(await ok("bench", "--model", model, "--device", "cpu", "--gen-len", "4", "--repeat", "1", "--async-scheduling", "--json"));
+    assert.deepEqual(queued.scheduling, { asyncScheduling: true, decodeSteps: 16, maxCallMs: 5 });
   });
 });
 

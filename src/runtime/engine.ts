@@ -8,7 +8,7 @@ import { fimPromptIds } from "../tokenizer/fim.js";
 import { Tokenizer } from "../tokenizer/tokenizer.js";
 import { EventChannel } from "./event-channel.js";
 import { type SamplingOptions, parseSamplingParams } from "./sampling-params.js";
-import { type ScheduledStep, Scheduler, type SchedulerOptions } from "./scheduler.js";
+import { type ScheduledStep, Scheduler, type SchedulerOptions, type SchedulingSettings } from "./scheduler.js";
 import { Sequence, type SequenceKind } from "./sequence.js";
 import type { FinishReason } from "./stop.js";
 
@@ -192,6 +192,11 @@ export class Engine {
 
   get device(): "cpu" | "cuda" {
     return this.backend.device;
+  }
+
+  /** The scheduling rules in effect, defaults resolved. */
+  get scheduling(): SchedulingSettings {
+    return this.scheduler.settings;
   }
 
   /** What runs the model ("cuda bfloat16 on NVIDIA H100 80GB HBM3"), and the weight bytes a decode step reads. */

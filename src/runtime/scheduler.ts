@@ -35,6 +35,13 @@ export interface SchedulerOptions {
   prefixCaching?: boolean;
 }
 
+/** The scheduling rules in effect, defaults resolved (for reports: `decima bench` prints them). */
+export interface SchedulingSettings {
+  asyncScheduling: boolean;
+  decodeSteps: number;
+  maxCallMs: number;
+}
+
 /** One step's work: the batch for the backend, and which sequence each of its rows belongs to. */
 export interface ScheduledStep {
   batch: StepBatch;
@@ -88,6 +95,10 @@ export class Scheduler {
     this.maxCallMs = opts.maxCallMs ?? (this.asyncScheduling ? 5 : 10);
     if (!(this.maxCallMs > 0)) fail("config", `maxCallMs must be a positive number (got ${this.maxCallMs})`);
     this.blocks = new BlockManager(kv.numBlocks, kv.blockSize, opts.prefixCaching ?? true);
+  }
+
+  get settings(): SchedulingSettings {
+    return { asyncScheduling: this.asyncScheduling, decodeSteps: this.decodeSteps, maxCallMs: this.maxCallMs };
   }
 
   get numRunning(): number {

@@ -4,6 +4,7 @@ import { fail } from "../../errors.js";
 import { Rng } from "../../model/random.js";
 import { Engine } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
+import type { SchedulingSettings } from "../../runtime/scheduler.js";
 import { asyncSchedulingOptions, deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
 
 type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
@@ -66,9 +67,10 @@ export function register(program: Command): void {
       for (const batch of batches) rows.push(await benchBatch(engine, batch, opts, bandwidth));
       const info = engine.backendInfo;
       if (opts.json) {
-        process.stdout.write(`${JSON.stringify({ model: opts.model, backend: info.description, weightBytes: info.weightBytes, bandwidth, rows })}\n`);
+        const report = { model: opts.model, backend: info.description, weightBytes: info.weightBytes, bandwidth, scheduling: engine.scheduling, rows };
+        process.stdout.write(`${JSON.stringify(report)}\n`);
       } else {
-        printTable(opts.model, info, bandwidth, rows);
+        printTable(opts.model, info, engine.scheduling, bandwidth, rows);
       }
     } finally {
       await engine.close();
@@ -138,9 +140,20 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-function printTable(model: string, info: { description: string; weightBytes: number }, bandwidth: number | null, rows: BenchRow[]): void {
+function printTable(
+  model: string,
+  info: { description: string; weightBytes: number },
+  scheduling: SchedulingSettings,
+  bandwidth: number | null,
+  rows: BenchRow[],
+): void {
   const gb = (b: number) => (b / 1e9).toFixed(2);
-  const lines = [`model ${model} (${info.description})`, `weights read per decode step ${gb(info.weightBytes)} GB`];
+  const { asyncScheduling, decodeSteps, maxCallMs } = scheduling;
+  const lines = [
+    `model ${model} (${info.description})`,
+    `weights read per decode step ${gb(info.weightBytes)} GB`,
+    `calls of up to ${decodeSteps} decode steps and ${maxCallMs} ms, async scheduling ${asyncScheduling ? "on" : "off"}`,
+  ];
   if (bandwidth) {
     const floor = (info.weightBytes / bandwidth) * 1000;
     lines.push(`measured read bandwidth ${(bandwidth / 1e9).toFixed(0)} GB/s: floor ${floor.toFixed(3)} ms per step (${(1000 / floor).toFixed(0)} tokens/s at batch 1)`);
