@@ -171,6 +171,8 @@ describe("decima bench", () => {
     }
     const queued = JSON.parse(await ok("bench", "--model", model, "--device", "cpu", "--gen-len", "4", "--repeat", "1", "--async-scheduling", "--json"));
     assert.deepEqual(queued.scheduling, { asyncScheduling: true, decodeSteps: 16, maxCallMs: 5 });
+    const longer = JSON.parse(await ok("bench", "--model", model, "--device", "cpu", "--gen-len", "4", "--repeat", "1", "--max-call-ms", "2.5", "--json"));
+    assert.equal(longer.scheduling.maxCallMs, 2.5);
   });
 });
 

@@ -5,7 +5,16 @@ import { Rng } from "../../model/random.js";
 import { Engine } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
 import type { SchedulingSettings } from "../../runtime/scheduler.js";
-import { asyncSchedulingOptions, deviceOption, dtypeOption, integerOption, modelOption, type ModelOptions, samplerOptions } from "../options.js";
+import {
+  asyncSchedulingOptions,
+  deviceOption,
+  dtypeOption,
+  integerOption,
+  modelOption,
+  type ModelOptions,
+  numberOption,
+  samplerOptions,
+} from "../options.js";
 
 type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
 
@@ -15,6 +24,7 @@ interface BenchOptions extends ModelOptions, Sampler {
   genLen: number;
   repeat: number;
   decodeSteps?: number;
+  maxCallMs?: number;
   asyncScheduling?: boolean;
   json?: boolean;
 }
@@ -47,6 +57,7 @@ export function register(program: Command): void {
     .addOption(integerOption("--gen-len <n>", "new tokens per request", { min: 1 }).default(256))
     .addOption(integerOption("--repeat <n>", "timed runs per batch size (the median is reported)", { min: 1 }).default(3))
     .addOption(integerOption("--decode-steps <n>", "decode steps per backend call (default: the engine's)", { min: 1 }))
+    .addOption(numberOption("--max-call-ms <ms>", "the longest a multi-step call may take (default: the engine's)", { above: 0 }))
     .option("--json", "print JSON instead of a table");
   for (const option of [...samplerOptions(), ...asyncSchedulingOptions()]) command.addOption(option);
   command.action(async (opts: BenchOptions) => {
@@ -59,6 +70,7 @@ export function register(program: Command): void {
       maxBatchTokens: Math.max(4096, ...batches),
       maxBatchSeqs: Math.max(256, Math.max(...batches)),
       decodeSteps: opts.decodeSteps,
+      maxCallMs: opts.maxCallMs,
       asyncScheduling: opts.asyncScheduling,
     });
     try {
