@@ -155,7 +155,7 @@ describe("decima tokenize / detokenize / logits", () => {
 
 describe("decima bench", () => {
   it("times greedy decoding, or sampling with the generate command's sampler flags", async () => {
-    for (const sampler of [[], ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.01"]]) {
+    for (const sampler of [[], ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.01", "--repetition-penalty", "1.1"]]) {
       const args = ["bench", "--model", model, "--device", "cpu", "--batch", "1,2", "--prompt-len", "4", "--gen-len", "4", "--repeat", "1"];
       const result = JSON.parse(await ok(...args, ...sampler, "--json"));
       assert.deepEqual(

@@ -47,13 +47,16 @@ export async function loadTokenizer(model: string): Promise<Tokenizer> {
   return Tokenizer.load((await resolveModel(model)).dir);
 }
 
-/** The sampler's choices of distribution (flags named as their SamplingOptions fields). */
+/** The sampler's choices of distribution and penalties (flags named as their SamplingOptions fields). */
 export function samplerOptions(): Option[] {
   return [
     numberOption("--temperature <t>", "0 (the default) is greedy", { min: 0 }),
     numberOption("--top-p <p>", "keep the most likely tokens holding this much probability", { above: 0, max: 1 }),
     integerOption("--top-k <k>", "keep the k most likely tokens (0: all)", { min: 0 }),
     numberOption("--min-p <p>", "drop tokens less likely than p times the most likely", { min: 0, max: 1 }),
+    numberOption("--repetition-penalty <r>", "penalize tokens already in the text (1: off)", { above: 0 }),
+    numberOption("--frequency-penalty <f>", "subtract f per earlier occurrence", { min: -2, max: 2 }),
+    numberOption("--presence-penalty <p>", "subtract p from tokens already generated", { min: -2, max: 2 }),
   ];
 }
 

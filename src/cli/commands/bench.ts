@@ -16,7 +16,10 @@ import {
   samplerOptions,
 } from "../options.js";
 
-type Sampler = Pick<SamplingOptions, "temperature" | "topP" | "topK" | "minP">;
+type Sampler = Pick<
+  SamplingOptions,
+  "temperature" | "topP" | "topK" | "minP" | "repetitionPenalty" | "frequencyPenalty" | "presencePenalty"
+>;
 
 interface BenchOptions extends ModelOptions, Sampler {
   batch: string;
@@ -102,7 +105,8 @@ async function benchBatch(engine: Engine, batch: number, opts: BenchOptions, ban
   const vocab = Math.min(engine.config.vocabSize, engine.tokenizer.vocabSize);
   const prompts = Array.from({ length: batch }, () => Array.from({ length: opts.promptLen }, () => 19 + Math.floor(rng.uniform() * (vocab - 19))));
   // The first run compiles what the shapes need (cuBLAS plans, the batch's CUDA graph) and is not counted.
-  const sampler: Sampler = { temperature: opts.temperature, topP: opts.topP, topK: opts.topK, minP: opts.minP };
+  const { temperature, topP, topK, minP, repetitionPenalty, frequencyPenalty, presencePenalty } = opts;
+  const sampler: Sampler = { temperature, topP, topK, minP, repetitionPenalty, frequencyPenalty, presencePenalty };
   await runOnce(engine, prompts, Math.min(opts.genLen, 32), sampler);
   const runs = [];
   for (let r = 0; r < opts.repeat; r++) runs.push(await runOnce(engine, prompts, opts.genLen, sampler));

@@ -3,7 +3,7 @@ import { type Command, Option } from "commander";
 import { fail, oneLine } from "../../errors.js";
 import type { DoneEvent, Engine, GenerateRequest } from "../../runtime/engine.js";
 import type { SamplingOptions } from "../../runtime/sampling-params.js";
-import { type ModelOptions, deviceOption, dtypeOption, integerOption, modelOption, numberOption, samplerOptions, withEngine } from "../options.js";
+import { type ModelOptions, deviceOption, dtypeOption, integerOption, modelOption, samplerOptions, withEngine } from "../options.js";
 
 /** Commander names each flag as its SamplingOptions field (--top-p: topP), so they pass straight through. */
 interface GenerateOptions extends ModelOptions, SamplingOptions {
@@ -25,9 +25,6 @@ export function register(program: Command): void {
     .addOption(integerOption("--max-tokens <n>", "most tokens to generate", { min: 1 }).default(256));
   for (const option of samplerOptions()) command.addOption(option);
   command
-    .addOption(numberOption("--repetition-penalty <r>", "penalize tokens already in the text (1: off)", { above: 0 }))
-    .addOption(numberOption("--frequency-penalty <f>", "subtract f per earlier occurrence", { min: -2, max: 2 }))
-    .addOption(numberOption("--presence-penalty <p>", "subtract p from tokens already generated", { min: -2, max: 2 }))
     .addOption(integerOption("--seed <s>", "sampling seed (default: random)", { min: 0, max: 0xffffffff }))
     .option("--stop <text>", "stop before this text (repeatable)", (s: string, all: string[] = []) => [...all, s])
     .option("--ignore-eos", "go on past the end-of-sequence token")
