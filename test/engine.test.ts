@@ -256,8 +256,6 @@ describe("Engine", () => {
   it("queues the next decode call before the last one's tokens are back, with the same events as without", async () => {
     const prompts = [promptOf(9, 1), promptOf(30, 2), promptOf(17, 3)];
     const requests = prompts.map((prompt, i) => ({ prompt, maxTokens: 18 + 5 * i, temperature: i === 2 ? 0.8 : 0, seed: 5, ...noEos }));
-    /** What a consumer sees, timings aside. */
-    const seen = (events: GenerateEvent[]) => events.map((e) => (e.type === "done" ? [e.finishReason, e.tokens, e.text] : e));
     const run = async (asyncScheduling: boolean) => {
       const { engine, backend } = await tinyEngine({ asyncScheduling, decodeSteps: 4, maxCallMs: 1e9 });
       const plain = await Promise.all(requests.map((r) => collect(engine, r)));
@@ -279,7 +277,7 @@ describe("Engine", () => {
       const after = await collect(engine, requests[1]);
       await engine.close();
       const reasons = stopped.slice(0, 2).map((events) => doneOf(events).finishReason);
-      return { events: [...plain, ...stopped, after].map(seen), reasons, continued: backend.batches.filter(carries).length };
+      return { events: [...plain, ...stopped, after].map((events) => events.map(seenOf)), reasons, continued: backend.batches.filter(carries).length };
     };
     const sync = await run(false);
     const queued = await run(true);

@@ -302,8 +302,8 @@ export class Engine {
   }
 
   /**
-   * Ends the sequence when the next step is scheduled. A call in flight may still write its blocks, but
-   * before the step of any later owner does (backends run steps in order).
+   * Ends the sequence when the next step is scheduled (refill). A call in flight may still write its blocks,
+   * but before the step of any later owner does (backends run steps in order).
    */
   private cancel(seq: Sequence): void {
     if (seq.finishReason !== null) return;
@@ -366,25 +366,20 @@ export class Engine {
   }
 
   /**
-   * Start the next step when none is in flight, then (with async scheduling) queue the one after it, planned
-   * from the call in flight: if there is work and the engine is not closing.
+   * End what was cancelled, then start the next step when none is in flight, and (with async scheduling)
+   * queue the one after it, planned from the call in flight: if there is work and the engine is not closing.
    */
   private refill(inFlight: InFlight[]): void {
     if (this.closed) return;
+    for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
     if (inFlight.length === 0) {
-      const step = this.schedule(null);
+      const step = this.scheduler.schedule(null);
       if (step) inFlight.push(this.launch(step));
     }
     if (inFlight.length === 1) {
-      const next = this.schedule(inFlight[0].step);
+      const next = this.scheduler.schedule(inFlight[0].step);
       if (next) inFlight.push(this.launch(next));
     }
-  }
-
-  /** End what was cancelled, then the next step's work, if any (`inFlight`: the call it follows). */
-  private schedule(inFlight: ScheduledStep | null): ScheduledStep | null {
-    for (const seq of this.requests.keys()) if (seq.cancelled) this.end(seq, "abort");
-    return this.scheduler.schedule(inFlight);
   }
 
   private launch(step: ScheduledStep): InFlight {
@@ -418,7 +413,7 @@ export class Engine {
       if (promptDone) this.promptTokensTotal += seq.promptLen;
       // Step k's token is step k+1's input: each step puts one more of the sequence's tokens in the cache.
       // Tokens sampled after the sequence ended (a stop within a multi-step call) are dropped; a cancelled
-      // sequence is ended by the next schedule().
+      // sequence is ended by the next refill().
       const at: number[] = [];
       for (let k = 0; k < steps && seq.finishReason === null && !seq.cancelled; k++) {
         this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);
