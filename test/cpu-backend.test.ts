@@ -237,6 +237,17 @@ describe("CPU backend: step results", () => {
     assert.equal(all.logits!.length, 3 * vocab);
   });
 
+  it("computes a step in a later turn of the event loop, not in the microtasks of the caller that asked for it", async () => {
+    // The engine asks for the next call before it hands out the last one's tokens: those must not wait
+    // behind the computation.
+    const backend = await backendFor(config);
+    const order: string[] = [];
+    const step = backend.step(batchOf([{ tokens: prompt.slice(0, 4), blocks: [0] }])).then(() => order.push("step"));
+    setImmediate(() => order.push("turn"));
+    await step;
+    assert.deepEqual(order, ["turn", "step"]);
+  });
+
   it("takes a row's input from the row of the call before that it names, asked for before that result is back", async () => {
     const backend = await backendFor(config);
     const seqs: Seq[] = [

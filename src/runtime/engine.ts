@@ -337,10 +337,6 @@ export class Engine {
         await new Promise<void>((resolve) => (this.wake = resolve));
         continue;
       }
-      // A backend computing on the main thread (the CPU one) settles its step without the event loop
-      // turning; awaiting this turn lets I/O (new requests, streamed writes) in between such steps. A
-      // device's step spans turns anyway, so there it costs nothing.
-      const turn = new Promise((resolve) => setImmediate(resolve));
       const { step } = call;
       const settled = await call.result.then(
         (result) => ({ result, err: null }),
@@ -352,12 +348,10 @@ export class Engine {
         // Only this batch's requests fail (and a call queued behind it, on the same sequences, with them);
         // the engine goes on serving the others.
         for (const seq of step.seqs) if (seq.finishReason === null) this.fail(seq, settled.err);
-        await turn;
         continue;
       }
       const { result } = settled;
       this.scheduler.observe(step, now - call.started);
-      await turn;
       const taken = this.commit(step, result);
       this.refill(inFlight);
       for (const seq of step.seqs) this.scheduler.cache(seq);

@@ -80,9 +80,16 @@ export class CpuBackend implements Backend {
     this.scores = new Float32Array(config.maxPositionEmbeddings);
   }
 
+  // A call computes in a later turn of the event loop, not in the microtask that asked for it: the engine
+  // asks for the next call before it hands out the last one's tokens, and those (a stream's write, a
+  // consumer's loop) would otherwise wait behind the whole call. Requests and client I/O get in between
+  // calls the same way.
   private readonly calls = new StepSequence(
     (batch) => validateBatch(batch, this),
-    (batch) => runSteps(batch, async (b) => this.stepOnce(b)),
+    async (batch) => {
+      await new Promise((resolve) => setImmediate(resolve));
+      return runSteps(batch, async (b) => this.stepOnce(b));
+    },
   );
 
   step(batch: StepBatch): Promise<StepResult> {
