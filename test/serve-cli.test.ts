@@ -51,9 +51,10 @@ describe("decima serve and bench-serve", () => {
   it("serves on a free port of 127.0.0.1, prints the URL, and closes on SIGTERM", async () => {
     const child = decima("serve", "--model", model, "--device", "cpu", "--port", "0", "--served-model-name", "tiny", "--api-key", "k");
     const line = await firstLine(child);
-    const url = /^decima: serving "tiny" at (http:\/\/127\.0\.0\.1:\d+) \(OpenAI API under \/v1\)$/.exec(line)?.[1];
+    const url = /^decima: serving "tiny" at (http:\/\/127\.0\.0\.1:\d+) \(OpenAI API under \/v1, a playground at \1\/\)$/.exec(line)?.[1];
     assert.ok(url, line);
     assert.equal((await fetch(`${url}/health`)).status, 200);
+    assert.equal((await fetch(`${url}/`)).status, 200);
     assert.equal((await fetch(`${url}/v1/models`)).status, 401);
     const res = await fetch(`${url}/v1/completions`, {
       method: "POST",
@@ -66,9 +67,12 @@ describe("decima serve and bench-serve", () => {
     assert.equal(child.stderr, "");
   });
 
-  it("says which flag is wrong in one line", async () => {
-    const busy = decima("serve", "--model", model, "--device", "cpu", "--port", "0");
-    const url = new URL(/at (\S+)/.exec(await firstLine(busy))![1]);
+  it("says which flag is wrong in one line; --no-playground leaves / unserved", async () => {
+    const busy = decima("serve", "--model", model, "--device", "cpu", "--port", "0", "--no-playground");
+    const line = await firstLine(busy);
+    assert.match(line, /\(OpenAI API under \/v1\)$/);
+    const url = new URL(/at (\S+)/.exec(line)![1]);
+    assert.equal((await fetch(`${url.origin}/`)).status, 404);
     const clash = decima("serve", "--model", model, "--device", "cpu", "--port", url.port);
     assert.equal(await clash.exited, 1);
     assert.match(clash.stderr, new RegExp(`^decima: --host 127\\.0\\.0\\.1 --port ${url.port}: .*EADDRINUSE.*\\n$`));

@@ -147,7 +147,7 @@ describe("server: API key", () => {
   });
   after(() => server.close());
 
-  it("wants the bearer key on every route but /health", async () => {
+  it("wants the bearer key on every route but /health and the playground page", async () => {
     const body = { model: "tiny", prompt: "x", max_tokens: 1 };
     const attempts: Record<string, string>[] = [{}, { authorization: "Bearer wrong" }, { authorization: "sekrit" }];
     for (const headers of attempts) {
@@ -159,6 +159,7 @@ describe("server: API key", () => {
     assert.equal((await fetch(`${server.url}/v1/models`)).status, 401);
     assert.equal((await fetch(`${server.url}/metrics`)).status, 401);
     assert.equal((await fetch(`${server.url}/health`)).status, 200);
+    assert.equal((await fetch(`${server.url}/`)).status, 200);
     const ok = await postJson(server.url + URL_COMPLETIONS, body, { authorization: "Bearer sekrit" });
     assert.equal(ok.status, 200);
   });

@@ -8,6 +8,7 @@ import { completions } from "./completions.js";
 import { infill } from "./infill.js";
 import { ServerMetrics } from "./metrics.js";
 import { unixSeconds } from "./openai.js";
+import { PLAYGROUND_HTML } from "./playground.js";
 
 /**
  * 1 MiB: a full 4,096-token context is about 16 KB of text, or 25 KB as token ids, so this holds dozens of
@@ -16,8 +17,10 @@ import { unixSeconds } from "./openai.js";
 export const DEFAULT_BODY_LIMIT = 1024 * 1024;
 
 export interface ServerOptions {
-  /** When set, every route but /health wants `Authorization: Bearer <apiKey>`. */
+  /** When set, every route but /health and the playground page wants `Authorization: Bearer <apiKey>`. */
   apiKey?: string;
+  /** Serve the playground page at `/` (default true). */
+  playground?: boolean;
   /** The model name that clients send and responses report (default: the engine's modelId, also accepted). */
   servedModelName?: string;
   /** The largest request body, in bytes (default DEFAULT_BODY_LIMIT); past it a request gets 413. */
@@ -40,10 +43,11 @@ export interface RouteContext {
 }
 
 /**
- * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill, /health
- * and Prometheus /metrics, over one engine. The caller listens (decima serve binds 127.0.0.1 unless told
- * otherwise) and closes the engine after the server. Nothing a client sends can take the server down: every
- * failure becomes an error response in OpenAI's shape, and only unexpected ones (500) are logged.
+ * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill, /health,
+ * Prometheus /metrics and the playground page, over one engine. The caller listens (decima serve binds
+ * 127.0.0.1 unless told otherwise) and closes the engine after the server. Nothing a client sends can take
+ * the server down: every failure becomes an error response in OpenAI's shape, and only unexpected ones
+ * (500) are logged.
  */
 export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyInstance {
   // forceCloseConnections: closing the server cuts open streams, whose requests are then cancelled.
@@ -52,6 +56,8 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const modelName = opts.servedModelName ?? engine.modelId;
   const started = unixSeconds();
+  const playground = opts.playground ?? true;
+  const open = new Set(playground ? ["/health", "/"] : ["/health"]); // routes without the API key
 
   const report = (err: unknown) => {
     const r = errorReply(err);
@@ -81,7 +87,7 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   if (opts.apiKey !== undefined) {
     const expected = digest(opts.apiKey);
     app.addHook("onRequest", async (request) => {
-      if (request.url.split("?")[0] === "/health") return;
+      if (open.has(request.url.split("?")[0])) return;
       const key = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.authorization ?? "")?.[1] ?? "";
       if (!timingSafeEqual(digest(key), expected)) {
         throw new ApiError(401, "missing or invalid API key: send it as Authorization: Bearer <key>", null, "invalid_api_key");
@@ -98,6 +104,7 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   });
 
   app.get("/health", async () => ({ status: "ok" }));
+  if (playground) app.get("/", async (_request, reply) => reply.type("text/html; charset=utf-8").send(PLAYGROUND_HTML));
   app.get("/metrics", async (_request, reply) => {
     const { contentType, body } = await metrics.text();
     return reply.type(contentType).send(body);

@@ -15,6 +15,8 @@ export interface ServingOptions extends ModelOptions {
   numBlocks?: number;
   prefixCaching: boolean;
   asyncScheduling?: boolean;
+  /** Serve the playground page at / (serve's --no-playground; bench-serve has no page to serve). */
+  playground?: boolean;
 }
 
 interface ServeOptions extends ServingOptions {
@@ -35,7 +37,8 @@ export function register(program: Command): void {
     .description("serve the model over HTTP: OpenAI's completions and chat API, llama.cpp's /infill, /metrics")
     .addOption(modelOption())
     .option("--host <address>", "address to listen on (0.0.0.0: every interface)", "127.0.0.1")
-    .addOption(integerOption("--port <n>", "port to listen on (0: any free one)", { min: 0, max: 65535 }).default(8000));
+    .addOption(integerOption("--port <n>", "port to listen on (0: any free one)", { min: 0, max: 65535 }).default(8000))
+    .option("--no-playground", "don't serve the playground page at /");
   addServingOptions(command).action(serve);
 }
 
@@ -69,7 +72,7 @@ export async function startServing(opts: ServingOptions, host: string, port: num
     asyncScheduling: opts.asyncScheduling,
     warmupSeqs: Number.MAX_SAFE_INTEGER, // every batch size the engine may run: no step waits for a capture
   });
-  const app = buildServer(engine, { apiKey: opts.apiKey, servedModelName: opts.servedModelName });
+  const app = buildServer(engine, { apiKey: opts.apiKey, servedModelName: opts.servedModelName, playground: opts.playground ?? false });
   const close = async () => {
     await app.close();
     await engine.close();
@@ -87,7 +90,8 @@ export async function startServing(opts: ServingOptions, host: string, port: num
 
 async function serve(opts: ServeOptions): Promise<void> {
   const serving = await startServing(opts, opts.host, opts.port);
-  process.stdout.write(`decima: serving "${serving.modelName}" at ${serving.url} (OpenAI API under /v1)\n`);
+  const page = opts.playground ? `, a playground at ${serving.url}/` : "";
+  process.stdout.write(`decima: serving "${serving.modelName}" at ${serving.url} (OpenAI API under /v1${page})\n`);
   // A second signal while closing gets Node's default handling: the process ends at once.
   await new Promise<void>((resolve) => {
     process.once("SIGINT", resolve);
