@@ -82,6 +82,10 @@ describe("decima serve and bench-serve", () => {
     const neither = decima("bench-serve", "--clients", "1");
     assert.equal(await neither.exited, 1);
     assert.equal(neither.stderr, "decima: give --url of a running server, or --model to start one\n");
+
+    const origin = decima("serve", "--model", model, "--device", "cpu", "--allowed-origins", "https://a.example,localhost:3000");
+    assert.equal(await origin.exited, 2);
+    assert.equal(origin.stderr, 'decima: --allowed-origins: "localhost:3000" is not an origin (scheme://host[:port], as https://editor.example)\n');
   });
 
   it("bench-serve --model runs its clients against an in-process server and reports JSON", async () => {

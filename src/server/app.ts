@@ -1,4 +1,5 @@
 import { createHash, timingSafeEqual } from "node:crypto";
+import cors from "@fastify/cors";
 import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 import type { Engine } from "../runtime/engine.js";
 import { ApiError, type ErrorBody, errorReply } from "./api-error.js";
@@ -21,6 +22,11 @@ export interface ServerOptions {
   apiKey?: string;
   /** Serve the playground page at `/` (default true). */
   playground?: boolean;
+  /**
+   * Origins whose pages may call the API from a browser (CORS), or "*" for any page. Default none: only
+   * same-origin pages, such as the playground, can.
+   */
+  allowedOrigins?: string[];
   /** The model name that clients send and responses report (default: the engine's modelId, also accepted). */
   servedModelName?: string;
   /** The largest request body, in bytes (default DEFAULT_BODY_LIMIT); past it a request gets 413. */
@@ -84,10 +90,14 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
     streamError: (err) => report(err).body,
   };
 
+  if (opts.allowedOrigins?.length) {
+    app.register(cors, { origin: opts.allowedOrigins.includes("*") ? "*" : opts.allowedOrigins, exposedHeaders: ["retry-after"] });
+  }
   if (opts.apiKey !== undefined) {
     const expected = digest(opts.apiKey);
     app.addHook("onRequest", async (request) => {
-      if (open.has(request.url.split("?")[0])) return;
+      // A browser's CORS preflight (OPTIONS) carries no credentials; no route answers OPTIONS otherwise.
+      if (request.method === "OPTIONS" || open.has(request.url.split("?")[0])) return;
       const key = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.authorization ?? "")?.[1] ?? "";
       if (!timingSafeEqual(digest(key), expected)) {
         throw new ApiError(401, "missing or invalid API key: send it as Authorization: Bearer <key>", null, "invalid_api_key");

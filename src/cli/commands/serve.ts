@@ -1,5 +1,5 @@
 import type { AddressInfo } from "node:net";
-import type { Command } from "commander";
+import { type Command, Option } from "commander";
 import { fail, oneLine } from "../../errors.js";
 import { Engine } from "../../runtime/engine.js";
 import { buildServer } from "../../server/app.js";
@@ -17,6 +17,8 @@ export interface ServingOptions extends ModelOptions {
   asyncScheduling?: boolean;
   /** Serve the playground page at / (serve's --no-playground; bench-serve has no page to serve). */
   playground?: boolean;
+  /** serve's --allowed-origins (CORS). */
+  allowedOrigins?: string[];
 }
 
 interface ServeOptions extends ServingOptions {
@@ -38,7 +40,12 @@ export function register(program: Command): void {
     .addOption(modelOption())
     .option("--host <address>", "address to listen on (0.0.0.0: every interface)", "127.0.0.1")
     .addOption(integerOption("--port <n>", "port to listen on (0: any free one)", { min: 0, max: 65535 }).default(8000))
-    .option("--no-playground", "don't serve the playground page at /");
+    .option("--no-playground", "don't serve the playground page at /")
+    .addOption(
+      new Option("--allowed-origins <origins>", "origins whose pages may call the API from a browser (CORS), comma-separated, or * for any").argParser(
+        parseOrigins,
+      ),
+    );
   addServingOptions(command).action(serve);
 }
 
@@ -72,7 +79,12 @@ export async function startServing(opts: ServingOptions, host: string, port: num
     asyncScheduling: opts.asyncScheduling,
     warmupSeqs: Number.MAX_SAFE_INTEGER, // every batch size the engine may run: no step waits for a capture
   });
-  const app = buildServer(engine, { apiKey: opts.apiKey, servedModelName: opts.servedModelName, playground: opts.playground ?? false });
+  const app = buildServer(engine, {
+    apiKey: opts.apiKey,
+    servedModelName: opts.servedModelName,
+    playground: opts.playground ?? false,
+    allowedOrigins: opts.allowedOrigins,
+  });
   const close = async () => {
     await app.close();
     await engine.close();
@@ -86,6 +98,20 @@ export async function startServing(opts: ServingOptions, host: string, port: num
   const address = app.server.address() as AddressInfo;
   const hostPart = host.includes(":") ? `[${host}]` : host;
   return { url: `http://${hostPart}:${address.port}`, modelName: opts.servedModelName ?? opts.model, close };
+}
+
+/** "https://a.example,http://localhost:3000" or "*": each an origin as browsers send it (scheme, host, port). */
+function parseOrigins(text: string): string[] {
+  const origins = text.split(",").map((o) => o.trim()).filter((o) => o !== "");
+  if (origins.length === 0) fail("input", "--allowed-origins: no origin given");
+  return origins.map((o) => {
+    if (o === "*") return o;
+    const origin = URL.canParse(o) ? new URL(o).origin : "null";
+    if (origin === "null" || origin !== o.replace(/\/$/, "")) {
+      fail("input", `--allowed-origins: "${o}" is not an origin (scheme://host[:port], as https://editor.example)`);
+    }
+    return origin;
+  });
 }
 
 async function serve(opts: ServeOptions): Promise<void> {
