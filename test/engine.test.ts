@@ -328,6 +328,30 @@ describe("Engine", () => {
     await engine.close();
   });
 
+  it("computes the prompt of a request for no tokens into the prefix cache, and generates nothing", async () => {
+    for (const asyncScheduling of [false, true]) {
+      const { engine } = await tinyEngine({ blockSize: 16, asyncScheduling });
+      const prompt = promptOf(48, 8);
+      const events = await collect(engine, { prompt, maxTokens: 0 });
+      assert.deepEqual(events.map((e) => e.type), ["done"]);
+      const done = doneOf(events);
+      assert.deepEqual([done.tokens, done.text, done.finishReason], [[], "", "length"]);
+      assert.deepEqual([engine.stats().promptTokensTotal, engine.stats().generatedTokensTotal], [48, 0]);
+      const next = await engine.complete({ prompt: [...prompt, 1, 2, 3], maxTokens: 4, ...noEos });
+      assert.equal(next.cachedPromptTokens, 48, "the next request found the whole prompt cached");
+      // Scored without generating: the log-probs of a request that generates.
+      const scored = await engine.complete({ prompt, maxTokens: 0, promptLogprobs: true });
+      const generating = await engine.complete({ prompt, maxTokens: 1, promptLogprobs: true });
+      assert.deepEqual(scored.promptLogprobs, generating.promptLogprobs);
+      // A prompt of the whole context fits when nothing is to follow it.
+      const whole = promptOf(256, 4);
+      assert.equal((await engine.complete({ prompt: whole, maxTokens: 0 })).finishReason, "length");
+      await assert.rejects(engine.complete({ prompt: whole, maxTokens: 1 }), /the prompt has 256 tokens; the model's context length is 256/);
+      assertPoolEmpty(engine);
+      await engine.close();
+    }
+  });
+
   it("reports prompt log-probs from the teacher-forced logits, without the prefix cache", async () => {
     const { engine } = await tinyEngine();
     const prompt = promptOf(20, 9);

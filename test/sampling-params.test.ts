@@ -56,7 +56,7 @@ describe("parseSamplingParams", () => {
     assert.match(refusal({ presencePenalty: -3 }), /^presencePenalty: /);
     assert.match(refusal({ seed: 2 ** 32 }), /^seed: /);
     assert.match(refusal({ seed: 1.5 }), /^seed: /);
-    assert.match(refusal({ maxTokens: 0 }), /^maxTokens: /);
+    assert.match(refusal({ maxTokens: -1 }), /^maxTokens: /);
     assert.match(refusal({ topK: -1 }), /^topK: /);
     assert.match(refusal({ stop: ["a", ""] }), /^stop/);
     assert.match(refusal({ stop: Array(9).fill("x") }), /^stop: /);

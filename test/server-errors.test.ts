@@ -92,8 +92,8 @@ describe("server: bad requests", () => {
     }
     const chat = await postJson(`${server.url}/v1/chat/completions`, { model: "tiny", messages: [{ role: 1, content: "hi" }] });
     assertOpenAiError(chat.body, "messages[0].role", /^messages\[0\]\.role: /);
-    const infill = await postJson(`${server.url}/infill`, { input_prefix: "x", n_predict: 0 });
-    assertOpenAiError(infill.body, "n_predict", /^n_predict: expected -1/);
+    const infill = await postJson(`${server.url}/infill`, { input_prefix: "x", n_predict: -2 });
+    assertOpenAiError(infill.body, "n_predict", /^n_predict: Too small/);
   });
 
   it("ignores unknown fields, as OpenAI does", async () => {

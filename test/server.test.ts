@@ -245,6 +245,7 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     assert.equal(value('decima_requests_failed_total{status="404"}'), 1);
     const stops = value('decima_requests_finished_total{finish_reason="stop"}') || 0;
     assert.equal(value("decima_e2e_request_latency_seconds_count"), value(length) + stops);
+    // Every request so far had a first token (the requests for none come after this test).
     assert.ok(value("decima_time_to_first_token_seconds_count") >= value(length));
     assert.ok(value("decima_inter_token_latency_seconds_count") >= 4 * value(length));
     assert.ok(value("decima_prefix_cache_hit_rate") > 0);
@@ -254,6 +255,38 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     for (let i = 0; i < 2; i++) await client.completions.create({ model: "tiny", prompt: promptOf(40, 9), max_tokens: 1 } as never);
     assert.equal((await scrape())(cached), value(cached) + 32);
     assert.ok(value("process_resident_memory_bytes") > 0);
+  });
+
+  it("scores a prompt without generating: max_tokens 0 with echo and logprobs", async () => {
+    const request = { model: "tiny", prompt: PROMPT, echo: true, logprobs: 1, ...greedy } as const;
+    const generating = (await client.completions.create({ ...request, max_tokens: 2 })).choices[0].logprobs!;
+    const res = await client.completions.create({ ...request, max_tokens: 0 });
+    const [choice] = res.choices;
+    assert.deepEqual([choice.text, choice.finish_reason, res.usage!.completion_tokens], [PROMPT, "length", 0]);
+    const n = choice.logprobs!.tokens!.length;
+    assert.deepEqual(choice.logprobs!.token_logprobs, generating.token_logprobs!.slice(0, n));
+    const stream = await client.completions.create({ ...request, max_tokens: 0, stream: true });
+    const chunks: OpenAI.CompletionChoice[] = [];
+    for await (const chunk of stream) chunks.push(...chunk.choices);
+    assert.equal(chunks.map((c) => c.text).join(""), PROMPT);
+    assert.equal(chunks.at(-1)!.finish_reason, "length");
+  });
+
+  it("computes an /infill of n_predict 0 into the prefix cache, as llama.vscode sends its context chunks", async () => {
+    // llama.vscode's request for its ring buffer of chunks, fields the server does not use included.
+    const context = {
+      input_extra: [{ filename: "util.py", text: "def mul(a, b):\n    return a * b\n\n\ndef sub(a, b):\n    return a - b\n" }],
+      input_prefix: "def add(a, b):\n    ",
+      input_suffix: "\n",
+      prompt: "",
+    };
+    const warm = await postJson(`${server.url}/infill`, { ...context, n_predict: 0, samplers: [], cache_prompt: true, t_max_prompt_ms: 500, t_max_predict_ms: 1 });
+    assert.equal(warm.status, 200);
+    assert.deepEqual([warm.body.content, warm.body.tokens_predicted, warm.body.stop_type, warm.body.tokens_cached], ["", 0, "limit", 0]);
+    assert.ok(warm.body.tokens_evaluated > 32 && warm.body.timings.prompt_ms >= 0);
+    const completion = await postJson(`${server.url}/infill`, { ...context, n_predict: 4, temperature: 0 });
+    assert.equal(completion.body.tokens_predicted, 4);
+    assert.equal(completion.body.tokens_cached, Math.floor((warm.body.tokens_evaluated - 1) / 16) * 16, "every full block but the last token's");
   });
 });
 

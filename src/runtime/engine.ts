@@ -52,6 +52,9 @@ export interface PromptEvent {
 
 export interface GenerateTimings {
   queuedMs: number;
+  /** From admission until the prompt was computed (with the first token, where one is sampled). */
+  promptMs: number;
+  /** 0 where no token came. */
   timeToFirstTokenMs: number;
   decodeMs: number;
   /** Tokens after the first, per second of decoding. */
@@ -413,7 +416,7 @@ export class Engine {
         this.scheduler.commit(seq, k === 0 ? step.queryLens[i] : 1);
         if (sample[i]) {
           if (seq.take(result.tokens[k * n + i])) at.push(k * n + i);
-        } else if (seq.kind === "logits" && !seq.inPrefill) {
+        } else if (!seq.samples && !seq.inPrefill) {
           seq.finishReason = "length";
         }
       }
@@ -484,6 +487,7 @@ function doneEvent(seq: Sequence): DoneEvent {
     cachedPromptTokens: seq.blocks?.cachedTokens ?? 0,
     timings: {
       queuedMs: (admitted ?? end) - arrival,
+      promptMs: (firstToken ?? end) - (admitted ?? end),
       timeToFirstTokenMs: firstToken === null ? 0 : firstToken - arrival,
       decodeMs,
       tokensPerSecond: seq.generated > 1 && decodeMs > 0 ? ((seq.generated - 1) * 1000) / decodeMs : 0,

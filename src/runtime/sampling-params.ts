@@ -16,6 +16,7 @@ export interface SamplingOptions {
   presencePenalty?: number;
   /** A uint32; without one each request draws its own, so runs differ. */
   seed?: number;
+  /** Default 256. 0: compute the prompt (into the prefix cache; its log-probs if asked) and generate nothing. */
   maxTokens?: number;
   stop?: string | string[];
   stopTokenIds?: number[];
@@ -51,7 +52,7 @@ const schema = z.object({
   frequencyPenalty: penalty,
   presencePenalty: penalty,
   seed: z.number().int().min(0).max(0xffffffff).optional(),
-  maxTokens: z.number().int().min(1).default(256),
+  maxTokens: z.number().int().min(0).default(256),
   stop: z
     .preprocess((s) => (typeof s === "string" ? [s] : s), z.array(z.string().min(1)).max(MAX_STOP_STRINGS))
     .default([]),

@@ -113,7 +113,7 @@ export class Scheduler {
   add(seq: Sequence): void {
     const n = seq.promptLen;
     const contextLength = this.config.maxPositionEmbeddings;
-    if (seq.kind === "generate" ? n >= contextLength : n > contextLength) {
+    if (seq.samples ? n >= contextLength : n > contextLength) {
       fail("input", `the prompt has ${n} tokens; the model's context length is ${contextLength}`);
     }
     const { numBlocks, blockSize } = this.blocks;
@@ -180,7 +180,7 @@ export class Scheduler {
    * has room for another token; with a call in flight, that call samples for it.
    */
   private decodes(seq: Sequence, ahead: Ahead | undefined): boolean {
-    if (seq.kind !== "generate") return false;
+    if (!seq.samples) return false;
     if (!ahead) return !seq.inPrefill;
     return ahead.draws > 0 && seq.computed + ahead.positions < this.cacheTokens(seq);
   }
@@ -229,10 +229,11 @@ export class Scheduler {
 
   /**
    * The most tokens a sequence's cache will hold: its prompt and every generated token but the last (the
-   * sequence ends as it samples that one, so it is never fed back), within the context length.
+   * sequence ends as it samples that one, so it is never fed back), within the context length; the prompt
+   * alone for one that samples nothing.
    */
   private cacheTokens(seq: Sequence): number {
-    if (seq.kind === "logits") return seq.promptLen;
+    if (!seq.samples) return seq.promptLen;
     return Math.min(seq.promptLen + seq.params.maxTokens, this.config.maxPositionEmbeddings) - 1;
   }
 

@@ -84,9 +84,18 @@ export class Sequence {
     return this.logitRows !== null || this.promptLogprobs !== null;
   }
 
+  /**
+   * Whether it samples tokens at all: not a "logits" sequence, nor a request for no tokens (maxTokens 0: its
+   * prompt is computed into the cache, where the prefix cache keeps it for the requests that follow).
+   * Either ends once its prompt is computed.
+   */
+  get samples(): boolean {
+    return this.kind === "generate" && this.params.maxTokens > 0;
+  }
+
   /** Whether a token is sampled once the cache holds `computedAfter` tokens. */
   samplesAt(computedAfter: number): boolean {
-    return this.kind === "generate" && computedAfter === this.tokens.length;
+    return this.samples && computedAfter === this.tokens.length;
   }
 
   /**

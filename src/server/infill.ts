@@ -17,7 +17,9 @@ export async function infill(ctx: RouteContext, request: FastifyRequest, reply: 
   const body = parseBody(infillSchema, request.body);
   const { tokenizer, config } = ctx.engine;
   const prompt = infillPromptIds(tokenizer, body);
-  const maxTokens = body.n_predict > 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
+  // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for the
+  // prefix cache to hold them before the completion that follows.
+  const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
   const generate = {
     prompt,
     maxTokens,
@@ -72,7 +74,7 @@ function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, cont
   const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop);
   const t = done.timings;
   const promptN = done.promptTokens.length - done.cachedPromptTokens;
-  const promptMs = t.timeToFirstTokenMs - t.queuedMs;
+  const promptMs = t.promptMs;
   const predictedN = done.tokens.length;
   return {
     content,

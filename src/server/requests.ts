@@ -42,7 +42,7 @@ export const completionSchema = z.object({
     error: "expected a string, an array of strings, an array of token ids, or an array of token-id arrays",
   }),
   suffix: z.string().nullish(),
-  max_tokens: z.number().int().min(1).nullish(),
+  max_tokens: z.number().int().min(0).nullish(), // 0: the prompt alone (echoed and scored, as OpenAI's was)
   logprobs: z.number().int().min(0).max(5).nullish(),
   echo: z.boolean().nullish(),
 });
@@ -78,7 +78,6 @@ export const infillSchema = z.object({
     .number()
     .int()
     .min(-1)
-    .refine((n) => n !== 0, "expected -1 (no limit) or a positive number of tokens")
     .default(-1),
   temperature: z.number().min(0).default(0.8),
   top_k: z.number().int().default(40), // <= 0: no limit
