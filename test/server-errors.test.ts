@@ -1,9 +1,8 @@
 import assert from "node:assert/strict";
 import { setTimeout as sleep } from "node:timers/promises";
 import { after, before, describe, it } from "node:test";
-import type { Engine } from "../src/runtime/engine.js";
 import { type TestServer, postJson, readEvents, startServer } from "./http-server.js";
-import { type SpyBackend, type TinyOptions, idle, promptOf, tinyEngine } from "./tiny-engine.js";
+import { idle, promptOf, slowEngine, tinyEngine } from "./tiny-engine.js";
 
 const URL_COMPLETIONS = "/v1/completions";
 
@@ -13,17 +12,6 @@ function assertOpenAiError(body: any, param: string | null, message: RegExp): vo
   assert.equal(body.error.param, param);
   assert.match(body.error.message, message);
   assert.ok(!body.error.message.includes("\n"), "one line");
-}
-
-/** An engine whose steps take a few milliseconds each, one token per step: requests last a while. */
-async function slowEngine(opts: TinyOptions = {}): Promise<{ engine: Engine; backend: SpyBackend }> {
-  const { engine, backend } = await tinyEngine({ decodeSteps: 1, ...opts });
-  const step = backend.step.bind(backend);
-  backend.step = async (batch) => {
-    await sleep(2);
-    return step(batch);
-  };
-  return { engine, backend };
 }
 
 /** Open a streaming completion and wait for its first event; abort() then hangs up. */

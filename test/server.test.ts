@@ -6,7 +6,7 @@ import { buildTokenizerFiles } from "../src/tokenizer/build.js";
 import { fimPromptIds } from "../src/tokenizer/fim.js";
 import { Tokenizer } from "../src/tokenizer/tokenizer.js";
 import { type TestServer, postJson, readEvents, startServer } from "./http-server.js";
-import { promptOf, testTokenizer, tinyBackend, tinyEngine } from "./tiny-engine.js";
+import { promptOf, slowEngine, testTokenizer, tinyBackend, tinyEngine } from "./tiny-engine.js";
 
 const PROMPT = "def fib(n):\n    return";
 const greedy = { temperature: 0 };
@@ -287,6 +287,26 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     const completion = await postJson(`${server.url}/infill`, { ...context, n_predict: 4, temperature: 0 });
     assert.equal(completion.body.tokens_predicted, 4);
     assert.equal(completion.body.tokens_cached, Math.floor((warm.body.tokens_evaluated - 1) / 16) * 16, "every full block but the last token's");
+  });
+
+  it("ends an /infill at llama.cpp's t_max_predict_ms once its text has a newline", async () => {
+    const slow = await startServer((await slowEngine()).engine); // a token every 2 ms or more
+    try {
+      const body = { input_prefix: "x = 1\n", input_suffix: "\n", n_predict: 24, temperature: 0 };
+      const free = (await postJson(`${slow.url}/infill`, body)).body;
+      const newline = free.content.indexOf("\n");
+      assert.ok(newline >= 0 && free.content.length > newline + 8, "this prompt's completion has a newline early, and goes on");
+      const limited = (await postJson(`${slow.url}/infill`, { ...body, t_max_predict_ms: 1 })).body;
+      assert.deepEqual([limited.stop_type, limited.stopped_limit], ["limit", true]);
+      assert.ok(limited.content.length > newline && free.content.startsWith(limited.content), JSON.stringify(limited.content));
+      assert.ok(limited.tokens_predicted < free.tokens_predicted);
+      const raw = await fetch(`${slow.url}/infill`, { method: "POST", body: JSON.stringify({ ...body, t_max_predict_ms: 1, stream: true }), headers: { "content-type": "application/json" } });
+      const events = (await readEvents(raw)).map((e) => JSON.parse(e));
+      assert.equal(events.map((e) => e.content).join(""), limited.content);
+      assert.equal(events.at(-1).stop_type, "limit");
+    } finally {
+      await slow.close();
+    }
   });
 });
 

@@ -102,6 +102,17 @@ export async function tinyEngine(opts: TinyOptions = {}): Promise<{ engine: Engi
   return { engine, backend };
 }
 
+/** An engine whose steps take a few milliseconds each, one token per step: requests last a while. */
+export async function slowEngine(opts: TinyOptions = {}): Promise<{ engine: Engine; backend: SpyBackend }> {
+  const { engine, backend } = await tinyEngine({ decodeSteps: 1, ...opts });
+  const step = backend.step.bind(backend);
+  backend.step = async (batch) => {
+    await new Promise((resolve) => setTimeout(resolve, 2));
+    return step(batch);
+  };
+  return { engine, backend };
+}
+
 /** Prompt ids (within the tokenizer's vocabulary) made from a seed, for requests of any length. */
 export function promptOf(length: number, seed: number): number[] {
   return Array.from({ length }, (_, i) => 19 + ((seed * 131 + i * 37) % 900));

@@ -22,7 +22,7 @@ export interface ChoicesContext {
 }
 
 /**
- * Start all of an HTTP request's choices in the engine, all or none: this waits for every choice's first
+ * Start all of an HTTP request's choices in the engine (each also ends when its own signal fires), all or none: this waits for every choice's first
  * event, so that a refusal (a prompt too long, a full queue) or an early failure becomes the response's
  * status before any of it is sent, and a refused choice cancels the others. Then the choices' events are
  * merged in the order they come, each pulled from the engine as soon as it is there (the latency metrics
@@ -36,7 +36,7 @@ export async function startChoices(ctx: ChoicesContext, requests: GenerateReques
   const detach = () => ctx.signal.removeEventListener("abort", onClientGone);
   if (ctx.signal.aborted) stop.abort();
 
-  const gens = requests.map((r) => ctx.engine.generateBatches({ ...r, signal: stop.signal }));
+  const gens = requests.map((r) => ctx.engine.generateBatches({ ...r, signal: r.signal ? AbortSignal.any([stop.signal, r.signal]) : stop.signal }));
   const observers = requests.map(() => ctx.metrics.choice(ctx.arrival));
   const firsts = await Promise.allSettled(
     gens.map(async (gen, i) => {

@@ -20,6 +20,7 @@ export async function infill(ctx: RouteContext, request: FastifyRequest, reply: 
   // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for the
   // prefix cache to hold them before the completion that follows.
   const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
+  const limit = new PredictLimit(body.t_max_predict_ms);
   const generate = {
     prompt,
     maxTokens,
@@ -32,13 +33,50 @@ export async function infill(ctx: RouteContext, request: FastifyRequest, reply: 
     frequencyPenalty: body.frequency_penalty,
     seed: body.seed === -1 ? undefined : body.seed,
     stop: body.stop,
+    signal: limit.signal,
   };
-  const events = await startChoices(ctx.choicesContext(reply), [generate]);
+  const events = limit.watch(await startChoices(ctx.choicesContext(reply), [generate]));
   if (body.stream) {
-    return sendEvents(reply, infillEvents(ctx, body, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
+    return sendEvents(reply, infillEvents(ctx, body, prompt.length, events, limit), { doneMarker: false, onError: ctx.streamError });
   }
   const [{ done }] = await collectChoices(events, 1);
-  return infillResult(ctx, body, done, done.text);
+  return infillResult(ctx, body, done, done.text, limit);
+}
+
+/**
+ * llama.cpp's t_max_predict_ms: once generation has run this long since its first token and its text holds a
+ * newline, it stops (a "limit" stop), so that an editor gets whole lines in bounded time. Checked as tokens
+ * arrive: a backend call's tokens at a time.
+ */
+class PredictLimit {
+  private readonly controller = new AbortController();
+  private first: number | null = null;
+  private newline = false;
+
+  constructor(private readonly ms: number) {}
+
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  get reached(): boolean {
+    return this.controller.signal.aborted;
+  }
+
+  async *watch(batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<ChoiceBatch> {
+    for await (const batch of batches) {
+      for (const { event } of batch) if (event.type === "token") this.see(event.text);
+      yield batch;
+    }
+  }
+
+  private see(text: string): void {
+    if (this.ms <= 0) return;
+    const now = performance.now();
+    this.first ??= now;
+    this.newline ||= text.includes("\n");
+    if (this.newline && now - this.first > this.ms) this.controller.abort();
+  }
 }
 
 /**
@@ -54,13 +92,19 @@ function infillPromptIds(tokenizer: Tokenizer, body: InfillBody): number[] {
   return [...extra, ...fimPromptIds(tokenizer, body.input_prefix + body.prompt, body.input_suffix)];
 }
 
-async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
+async function* infillEvents(
+  ctx: RouteContext,
+  body: InfillBody,
+  promptTokens: number,
+  batches: AsyncIterable<ChoiceBatch>,
+  limit: PredictLimit,
+): AsyncGenerator<object[]> {
   let predicted = 0;
   for await (const batch of batches) {
     const out: object[] = [];
     for (const { event } of batch) {
       if (event.type === "done") {
-        out.push(infillResult(ctx, body, event, ""));
+        out.push(infillResult(ctx, body, event, "", limit));
       } else {
         if (event.type === "token") predicted++;
         if (event.type !== "prompt" && event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
@@ -70,8 +114,8 @@ async function* infillEvents(ctx: RouteContext, body: InfillBody, promptTokens: 
   }
 }
 
-function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, content: string): object {
-  const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop);
+function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, content: string, limit: PredictLimit): object {
+  const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop, limit.reached);
   const t = done.timings;
   const promptN = done.promptTokens.length - done.cachedPromptTokens;
   const promptMs = t.promptMs;
@@ -117,9 +161,10 @@ function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, cont
 /**
  * llama.cpp's stop type. The engine says "stop" for an end-of-sequence token and for a stop string alike;
  * a stop string is the one case where the generated tokens' text holds one (the reply's text ends before it).
+ * A request the time limit ended (`limited`) ends as aborted in the engine.
  */
-function stopOf(tokenizer: Tokenizer, done: DoneEvent, stops: string[]): { stopType: string; word: string } {
-  if (done.finishReason === "length") return { stopType: "limit", word: "" };
+function stopOf(tokenizer: Tokenizer, done: DoneEvent, stops: string[], limited: boolean): { stopType: string; word: string } {
+  if (done.finishReason === "length" || (done.finishReason === "abort" && limited)) return { stopType: "limit", word: "" };
   if (done.finishReason !== "stop") return { stopType: "none", word: "" };
   const text = tokenizer.decode(done.tokens, { skipSpecialTokens: true });
   let first: { at: number; word: string } | null = null;

@@ -89,6 +89,7 @@ export const infillSchema = z.object({
   seed: z.number().int().min(-1).max(0xffffffff).default(-1), // -1: random
   stop: z.array(z.string().min(1)).max(MAX_STOP_STRINGS).default([]),
   stream: z.boolean().default(false),
+  t_max_predict_ms: z.number().min(0).default(0), // 0: no limit
 });
 
 export type InfillBody = z.infer<typeof infillSchema>;
