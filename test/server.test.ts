@@ -289,6 +289,17 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     assert.equal(completion.body.tokens_cached, Math.floor((warm.body.tokens_evaluated - 1) / 16) * 16, "every full block but the last token's");
   });
 
+  it("fits an /infill of more context than the model holds, as llama.cpp does, and says so", async () => {
+    const chunk = (i: number) => ({ filename: `f${i}.py`, text: Array.from({ length: 12 }, (_, k) => `v${i}_${k} = ${k}\n`).join("") });
+    const res = await postJson(`${server.url}/infill`, { input_extra: Array.from({ length: 40 }, (_, i) => chunk(i)), input_prefix: "x = ", n_predict: 8 });
+    assert.equal(res.status, 200);
+    assert.equal(res.body.truncated, true);
+    assert.ok(res.body.tokens_evaluated <= 256 - 8, `${res.body.tokens_evaluated} prompt tokens`);
+    assert.equal(res.body.tokens_predicted + res.body.tokens_evaluated <= 256, true);
+    const small = await postJson(`${server.url}/infill`, { input_extra: [chunk(0)], input_prefix: "x = ", n_predict: 8 });
+    assert.equal(small.body.truncated, false);
+  });
+
   it("ends an /infill at llama.cpp's t_max_predict_ms once its text has a newline", async () => {
     const slow = await startServer((await slowEngine()).engine); // a token every 2 ms or more
     try {

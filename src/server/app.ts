@@ -7,6 +7,7 @@ import { chatCompletions } from "./chat.js";
 import type { ChoicesContext } from "./choices.js";
 import { completions } from "./completions.js";
 import { infill } from "./infill.js";
+import { InfillPrompter } from "./infill-prompt.js";
 import { ServerMetrics } from "./metrics.js";
 import { unixSeconds } from "./openai.js";
 import { PLAYGROUND_HTML } from "./playground.js";
@@ -125,7 +126,8 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   }));
   app.post("/v1/completions", (request, reply) => completions(ctx, request, reply));
   app.post("/v1/chat/completions", (request, reply) => chatCompletions(ctx, request, reply));
-  app.post("/infill", (request, reply) => infill(ctx, request, reply));
+  const prompter = new InfillPrompter(engine.tokenizer, engine.config.maxPositionEmbeddings);
+  app.post("/infill", (request, reply) => infill(ctx, prompter, request, reply));
   return app;
 }
 

@@ -1,9 +1,9 @@
 import type { FastifyReply, FastifyRequest } from "fastify";
 import type { DoneEvent } from "../runtime/engine.js";
-import { fimPromptIds } from "../tokenizer/fim.js";
 import type { Tokenizer } from "../tokenizer/tokenizer.js";
 import type { RouteContext } from "./app.js";
 import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
+import type { InfillPrompter } from "./infill-prompt.js";
 import { type InfillBody, infillSchema, parseBody } from "./requests.js";
 import { sendEvents } from "./sse.js";
 
@@ -11,12 +11,12 @@ import { sendEvents } from "./sse.js";
  * POST /infill in llama.cpp's form, which editor plugins (llama.vim, llama.vscode) speak: fill in the
  * middle between input_prefix and input_suffix. The reply carries the fields of llama.cpp's that clients
  * read; a stream sends `{"content", "stop": false}` events and ends with the full result (its content
- * empty, as llama.cpp's), without OpenAI's [DONE].
+ * empty, as llama.cpp's), without OpenAI's [DONE]. The prompt is fitted to the context (InfillPrompter).
  */
-export async function infill(ctx: RouteContext, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+export async function infill(ctx: RouteContext, prompter: InfillPrompter, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
   const body = parseBody(infillSchema, request.body);
-  const { tokenizer, config } = ctx.engine;
-  const prompt = infillPromptIds(tokenizer, body);
+  const { config } = ctx.engine;
+  const { ids: prompt, truncated } = prompter.build(body, body.n_predict);
   // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for the
   // prefix cache to hold them before the completion that follows.
   const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
@@ -36,11 +36,20 @@ export async function infill(ctx: RouteContext, request: FastifyRequest, reply: 
     signal: limit.signal,
   };
   const events = limit.watch(await startChoices(ctx.choicesContext(reply), [generate]));
+  const run: InfillRun = { body, limit, truncated };
   if (body.stream) {
-    return sendEvents(reply, infillEvents(ctx, body, prompt.length, events, limit), { doneMarker: false, onError: ctx.streamError });
+    return sendEvents(reply, infillEvents(ctx, run, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
   }
   const [{ done }] = await collectChoices(events, 1);
-  return infillResult(ctx, body, done, done.text, limit);
+  return infillResult(ctx, run, done, done.text);
+}
+
+/** What a request's result reports besides its done event. */
+interface InfillRun {
+  body: InfillBody;
+  limit: PredictLimit;
+  /** Its prompt left some of the request out, to fit the context. */
+  truncated: boolean;
 }
 
 /**
@@ -79,32 +88,13 @@ class PredictLimit {
   }
 }
 
-/**
- * Other files' text (input_extra) first, each after StarCoder's <filename> token where the tokenizer has
- * one (else llama.cpp's plain-text separator), then the FIM prompt. `prompt` continues the prefix.
- */
-function infillPromptIds(tokenizer: Tokenizer, body: InfillBody): number[] {
-  const text = (s: string) => tokenizer.encode(s, { addSpecialTokens: false });
-  const fileToken = tokenizer.tokenToId("<filename>");
-  const extra = body.input_extra.flatMap((chunk) =>
-    fileToken === null ? text(`\n\n--- snippet ---\n\n${chunk.text}`) : [fileToken, ...text(`${chunk.filename}\n${chunk.text}`)],
-  );
-  return [...extra, ...fimPromptIds(tokenizer, body.input_prefix + body.prompt, body.input_suffix)];
-}
-
-async function* infillEvents(
-  ctx: RouteContext,
-  body: InfillBody,
-  promptTokens: number,
-  batches: AsyncIterable<ChoiceBatch>,
-  limit: PredictLimit,
-): AsyncGenerator<object[]> {
+async function* infillEvents(ctx: RouteContext, run: InfillRun, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
   let predicted = 0;
   for await (const batch of batches) {
     const out: object[] = [];
     for (const { event } of batch) {
       if (event.type === "done") {
-        out.push(infillResult(ctx, body, event, "", limit));
+        out.push(infillResult(ctx, run, event, ""));
       } else {
         if (event.type === "token") predicted++;
         if (event.type !== "prompt" && event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
@@ -114,7 +104,7 @@ async function* infillEvents(
   }
 }
 
-function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, content: string, limit: PredictLimit): object {
+function infillResult(ctx: RouteContext, { body, limit, truncated }: InfillRun, done: DoneEvent, content: string): object {
   const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop, limit.reached);
   const t = done.timings;
   const promptN = done.promptTokens.length - done.cachedPromptTokens;
@@ -127,7 +117,7 @@ function infillResult(ctx: RouteContext, body: InfillBody, done: DoneEvent, cont
     tokens_predicted: predictedN,
     tokens_evaluated: done.promptTokens.length,
     tokens_cached: done.cachedPromptTokens,
-    truncated: false,
+    truncated,
     stop_type: stopType,
     stopped_eos: stopType === "eos",
     stopped_limit: stopType === "limit",

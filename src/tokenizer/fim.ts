@@ -11,8 +11,13 @@ import type { Tokenizer } from "./tokenizer.js";
  * with Hugging Face's defaults: a server and transformers see the same prompt.
  */
 export function fimPromptIds(tokenizer: Tokenizer, prefix: string, suffix: string): number[] {
+  const text = (s: string) => tokenizer.encode(s, { addSpecialTokens: false });
+  return fimAround(tokenizer, text(prefix), text(suffix));
+}
+
+/** The same around a prefix and suffix already encoded (and perhaps cut to fit a context). */
+export function fimAround(tokenizer: Tokenizer, prefix: number[], suffix: number[]): number[] {
   const fim = tokenizer.fim;
   if (fim === null) fail("input", "this model has no fill-in-the-middle tokens (<fim_prefix>, <fim_middle>, <fim_suffix>)");
-  const text = (s: string) => tokenizer.encode(s, { addSpecialTokens: false });
-  return [fim.prefix, ...text(prefix), fim.suffix, ...text(suffix), fim.middle];
+  return [fim.prefix, ...prefix, fim.suffix, ...suffix, fim.middle];
 }

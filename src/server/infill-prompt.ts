@@ -1,0 +1,75 @@
+import { fimAround } from "../tokenizer/fim.js";
+import type { Tokenizer } from "../tokenizer/tokenizer.js";
+import type { InfillBody } from "./requests.js";
+
+/** An /infill prompt, and whether anything of the request had to be left out of it. */
+export interface InfillPrompt {
+  ids: number[];
+  truncated: boolean;
+}
+
+/** Chunk encodings kept: a few editors' rings of chunks (llama.vscode keeps 16 by default). */
+const MEMO_CHUNKS = 256;
+
+/**
+ * /infill's prompt: other files' text (input_extra) first, each after StarCoder's <filename> token where the
+ * tokenizer has one (else llama.cpp's plain-text separator), then the fill-in-the-middle prompt, whose
+ * prefix `prompt` continues. Editor plugins send more context than a 2,048-token model holds (llama.vscode a
+ * ring of 16 chunks of 64 lines), and llama.cpp fits it to the context rather than refuse it, so this does
+ * too: the completion keeps up to a quarter of the context; the prefix's end and the suffix's start go
+ * first (the suffix gets at least a quarter of what they may take where both are long); then the newest
+ * chunks that fit whole, in their order.
+ *
+ * The same chunks come back request after request, so their encodings are kept: tokenizing a ring of them
+ * took 40-50 ms of the one JavaScript thread here each time.
+ */
+export class InfillPrompter {
+  private readonly memo = new Map<string, number[]>();
+  private readonly fileToken: number | null;
+
+  constructor(
+    private readonly tokenizer: Tokenizer,
+    private readonly contextLength: number,
+  ) {
+    this.fileToken = tokenizer.tokenToId("<filename>");
+  }
+
+  /** The prompt of a request that will generate `nPredict` tokens (-1: to the end of the context). */
+  build(body: InfillBody, nPredict: number): InfillPrompt {
+    const reserve = nPredict === 0 ? 0 : Math.min(nPredict < 0 ? Infinity : nPredict, Math.floor(this.contextLength / 4));
+    const room = this.contextLength - reserve - 3; // the three FIM tokens
+    const prefix = this.encode(body.input_prefix + body.prompt);
+    const suffix = this.encode(body.input_suffix);
+    const suffixTake = Math.min(suffix.length, Math.max(room - prefix.length, Math.floor(room / 4)));
+    const prefixTake = Math.max(0, Math.min(prefix.length, room - suffixTake));
+    const fim = fimAround(this.tokenizer, prefix.slice(prefix.length - prefixTake), suffix.slice(0, suffixTake));
+
+    let extraRoom = room + 3 - fim.length;
+    const chunks: number[][] = [];
+    for (let i = body.input_extra.length - 1; i >= 0; i--) {
+      const ids = this.chunk(body.input_extra[i]);
+      if (ids.length > extraRoom) break;
+      chunks.unshift(ids);
+      extraRoom -= ids.length;
+    }
+    const truncated = prefixTake < prefix.length || suffixTake < suffix.length || chunks.length < body.input_extra.length;
+    return { ids: [...chunks.flat(), ...fim], truncated };
+  }
+
+  private encode(text: string): number[] {
+    return this.tokenizer.encode(text, { addSpecialTokens: false });
+  }
+
+  private chunk({ filename, text }: InfillBody["input_extra"][number]): number[] {
+    const key = `${filename}\u0000${text}`;
+    let ids = this.memo.get(key);
+    if (ids) {
+      this.memo.delete(key); // to the back: the most recently used
+    } else {
+      ids = this.fileToken === null ? this.encode(`\n\n--- snippet ---\n\n${text}`) : [this.fileToken, ...this.encode(`${filename}\n${text}`)];
+      if (this.memo.size >= MEMO_CHUNKS) this.memo.delete(this.memo.keys().next().value!);
+    }
+    this.memo.set(key, ids);
+    return ids;
+  }
+}
