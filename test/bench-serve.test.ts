@@ -37,6 +37,25 @@ describe("bench-serve's load", () => {
     }
   });
 
+  it("runs editors sending /infill requests: a ring of chunks, warmed ahead and then found cached", async () => {
+    const { engine } = await tinyEngine({ blockSize: 16, maxPositionEmbeddings: 1024 });
+    const server = await startServer(engine);
+    try {
+      // One editor, 11 requests: 8 completions, a warm-up for the ring's new chunk, 2 completions.
+      const report = await runLoad({ url: server.url, clients: 1, requests: 11, promptLen: 40, genLen: 3, sharedPrefix: 0, workload: "infill" });
+      assert.equal(report.workload, "infill");
+      assert.deepEqual([report.requests, report.errors, report.outputTokens], [10, 0, 30]);
+      const editor = report.editor!;
+      assert.equal(editor.warmups, 1);
+      assert.ok(editor.promptTokens.p50 > 40);
+      assert.ok(editor.cachedShare > 0.3, `${editor.cachedShare} of the prompts cached: the chunks, request after request`);
+      assert.equal(report.kvBlocksUsedAtEnd, 0);
+      await assert.rejects(runLoad({ url: server.url, clients: 1, requests: 1, promptLen: 40, genLen: 3, sharedPrefix: 8, workload: "infill" }), /share no prefix/);
+    } finally {
+      await server.close();
+    }
+  });
+
   it("counts refused requests as errors, with their messages", async () => {
     const { engine } = await tinyEngine({ maxBatchSeqs: 1, maxWaiting: 1 });
     const server = await startServer(engine);

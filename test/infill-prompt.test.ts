@@ -23,14 +23,19 @@ describe("the /infill prompt", () => {
     assert.equal(truncated, false);
   });
 
-  it("keeps the newest chunks that fit whole, in order, and room for the completion", () => {
+  it("keeps the newest chunks that fit whole in half the context, in order, the same for a warm-up", () => {
     const request = body({ input_extra: extra, input_prefix: "x = 1\n", input_suffix: "\n" });
     const fim = fimPromptIds(tokenizer, "x = 1\n", "\n");
     const sizes = extra.map((c) => chunkIds(c.filename, c.text).length);
-    const context = fim.length + 16 + sizes[4] + sizes[5] + 1; // room for the last two chunks and 16 tokens
-    const { ids, truncated } = new InfillPrompter(tokenizer, context).build(request, 16);
-    assert.deepEqual(ids, [...chunkIds("f4.py", extra[4].text), ...chunkIds("f5.py", extra[5].text), ...fim]);
+    const context = 2 * (sizes[4] + sizes[5]) + 1; // half of it holds the last two chunks, not three
+    const prompter = new InfillPrompter(tokenizer, context);
+    const { ids, truncated } = prompter.build(request, 16);
+    const chunks = [...chunkIds("f4.py", extra[4].text), ...chunkIds("f5.py", extra[5].text)];
+    assert.deepEqual(ids, [...chunks, ...fim]);
     assert.equal(truncated, true);
+    // The ring sent alone ahead of the completions (n_predict 0) begins with the same tokens.
+    const warmup = prompter.build(body({ input_extra: extra }), 0);
+    assert.deepEqual(warmup.ids.slice(0, chunks.length), chunks);
   });
 
   it("cuts a long prefix from its start and a long suffix from its end, the completion keeping a quarter at most", () => {
@@ -41,11 +46,11 @@ describe("the /infill prompt", () => {
       assert.equal(ids.length, 256 - reserve, `n_predict ${nPredict}`);
       assert.equal(truncated, true);
       const fim = tokenizer.fim!;
-      assert.equal(ids[0], fim.prefix, "no chunk fits");
-      const [p, s] = [ids.indexOf(fim.suffix), ids.indexOf(fim.middle)];
-      assert.deepEqual(ids.slice(1, p), encode(prefix).slice(-(p - 1)), "the prefix's end");
+      const [f, p, s] = [ids.indexOf(fim.prefix), ids.indexOf(fim.suffix), ids.indexOf(fim.middle)];
+      assert.ok(f > 0 && f <= 128, `${f} tokens of chunks: half the context at most`);
+      assert.deepEqual(ids.slice(f + 1, p), encode(prefix).slice(-(p - f - 1)), "the prefix's end");
       assert.deepEqual(ids.slice(p + 1, s), encode(suffix).slice(0, s - p - 1), "the suffix's start");
-      assert.equal(s - p - 1, Math.floor((256 - reserve - 3) / 4), "a quarter for the suffix");
+      assert.equal(s - p - 1, Math.floor((256 - reserve - f - 3) / 4), "a quarter for the suffix");
     }
   });
 

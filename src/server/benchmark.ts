@@ -1,24 +1,30 @@
 import { randomInt } from "node:crypto";
 import { fail, oneLine } from "../errors.js";
 import { Rng } from "../model/random.js";
+import { editorSession } from "./editor-session.js";
 
 /**
  * The load benchmark behind `decima bench-serve`: concurrent streaming clients against a running server,
  * measured as the clients see it, plus what the server's /metrics say about its prefix cache, memory and
- * KV pool over the run. Plain fetch and a small SSE reader keep it free of client libraries.
+ * KV pool over the run. Plain fetch and a small SSE reader keep it free of client libraries. The clients
+ * send random completions, or are editors sending /infill requests (editor-session.ts).
  */
+
+export type Workload = "completions" | "infill";
 
 export interface LoadOptions {
   /** The server's base URL, http://host:port. */
   url: string;
   apiKey?: string;
   clients: number;
-  /** Requests in all; without it the clients go on for `durationS`. */
+  /** Default "completions". */
+  workload?: Workload;
+  /** Requests in all (an editor's warm-ups included); without it the clients go on for `durationS`. */
   requests?: number;
   durationS?: number;
   promptLen: number;
   genLen: number;
-  /** Leading prompt tokens that every request shares (what the prefix cache can save). */
+  /** Leading prompt tokens that every request shares (what the prefix cache can save); completions only. */
   sharedPrefix: number;
   /**
    * Spread the clients' first requests evenly over this many seconds (default 0: all at once). Clients that
@@ -50,6 +56,7 @@ export interface Percentiles {
 
 export interface LoadReport {
   model: string;
+  workload: Workload;
   clients: number;
   promptLen: number;
   genLen: number;
@@ -78,6 +85,16 @@ export interface LoadReport {
   samples: ServerSample[];
   /** KV blocks still held once every request has ended: 0 unless blocks leak. */
   kvBlocksUsedAtEnd: number;
+  /** The editors' completions, as the server reported their prompts (infill only). */
+  editor?: {
+    /** Requests that only sent a new ring of chunks (n_predict 0); not in the figures above. */
+    warmups: number;
+    promptTokens: Percentiles;
+    /** Of the completions' prompt tokens, the share the prefix cache held. */
+    cachedShare: number;
+    /** Completions whose prompt the server cut to fit the context. */
+    truncated: number;
+  };
 }
 
 // Ids every decima model has (vocabularies hold at least 1,000 tokens), past the special tokens at the start.
@@ -86,15 +103,27 @@ const MAX_ERRORS_SHOWN = 5;
 
 interface RequestResult {
   error?: string;
+  /** A request for no tokens (an editor's warm-up): only its prompt counts. */
+  warmup?: boolean;
   ttftMs?: number;
   gapsMs?: number[];
   /** From the first text to the last. */
   decodeMs?: number;
   outputTokens?: number;
+  /** As /infill reports it. */
+  prompt?: InfillPromptReport;
+}
+
+interface InfillPromptReport {
+  tokens: number;
+  cached: number;
+  truncated: boolean;
 }
 
 export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
+  const workload = opts.workload ?? "completions";
   if (opts.sharedPrefix > opts.promptLen) fail("input", `--shared-prefix ${opts.sharedPrefix} is longer than --prompt-len ${opts.promptLen}`);
+  if (workload === "infill" && opts.sharedPrefix > 0) fail("input", "--shared-prefix: the infill workload's editors share no prefix");
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (opts.apiKey !== undefined) headers.authorization = `Bearer ${opts.apiKey}`;
   const server = new ServerView(opts.url, headers);
@@ -113,6 +142,15 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     stream: true,
     stream_options: { include_usage: true },
   });
+  /** Client i's next request. */
+  const requester = (): (() => Promise<RequestResult>) => {
+    if (workload === "completions") return () => streamRequest(`${opts.url}/v1/completions`, headers, body(), completionChunk);
+    const next = editorSession(new Rng(rng.nextU32()), opts.promptLen, opts.genLen);
+    return () => {
+      const { body, warmup } = next();
+      return warmup ? warmupRequest(`${opts.url}/infill`, headers, body) : streamRequest(`${opts.url}/infill`, headers, body, infillChunk);
+    };
+  };
 
   const before = await server.metrics();
   const start = performance.now();
@@ -124,25 +162,26 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   const deadline = opts.requests === undefined ? start + (opts.durationS ?? 60) * 1000 : Infinity;
   let issued = 0;
   const results: RequestResult[] = [];
-  const client = async (i: number) => {
+  const client = async (i: number, request: () => Promise<RequestResult>) => {
     if (opts.rampUpS) await new Promise((resolve) => setTimeout(resolve, (i * opts.rampUpS! * 1000) / opts.clients));
     while ((opts.requests === undefined || issued < opts.requests) && performance.now() < deadline) {
       issued++;
-      results.push(await streamCompletion(`${opts.url}/v1/completions`, headers, body()));
+      results.push(await request());
     }
   };
-  await Promise.all(Array.from({ length: opts.clients }, (_, i) => client(i)));
+  await Promise.all(Array.from({ length: opts.clients }, (_, i) => client(i, requester())));
   const durationS = (performance.now() - start) / 1000;
   if (timer) clearInterval(timer);
   await sample();
   const after = await server.metrics();
 
-  const ok = results.filter((r) => r.error === undefined);
+  const ok = results.filter((r) => r.error === undefined && !r.warmup);
   const outputTokens = ok.reduce((sum, r) => sum + r.outputTokens!, 0);
   const delta = (name: string) => (after.get(name) ?? 0) - (before.get(name) ?? 0);
   const queries = delta("decima_prefix_cache_queries_total");
-  return {
+  const report: LoadReport = {
     model,
+    workload,
     clients: opts.clients,
     promptLen: opts.promptLen,
     genLen: opts.genLen,
@@ -150,7 +189,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     rampUpS: opts.rampUpS ?? 0,
     seed,
     requests: ok.length,
-    errors: results.length - ok.length,
+    errors: results.filter((r) => r.error !== undefined).length,
     firstErrors: [...new Set(results.flatMap((r) => (r.error === undefined ? [] : [r.error])))].slice(0, MAX_ERRORS_SHOWN),
     outputTokens,
     durationS,
@@ -166,37 +205,86 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     samples,
     kvBlocksUsedAtEnd: await server.settledKvBlocks(),
   };
+  if (workload === "infill") {
+    const prompts = ok.map((r) => r.prompt!);
+    const total = prompts.reduce((sum, p) => sum + p.tokens, 0);
+    report.editor = {
+      warmups: results.filter((r) => r.warmup && r.error === undefined).length,
+      promptTokens: percentiles(prompts.map((p) => p.tokens)),
+      cachedShare: total > 0 ? prompts.reduce((sum, p) => sum + p.cached, 0) / total : 0,
+      truncated: prompts.filter((p) => p.truncated).length,
+    };
+  }
+  return report;
 }
 
-/** One streamed completion, timed from sending it: time to the first text, gaps between the rest. */
-async function streamCompletion(url: string, headers: Record<string, string>, body: object): Promise<RequestResult> {
+/** What a streamed event says: its text, and where it has them, the output's size and the prompt's. */
+interface ChunkReading {
+  text?: string;
+  outputTokens?: number;
+  prompt?: InfillPromptReport;
+}
+
+/** OpenAI's completion chunks. */
+function completionChunk(chunk: { usage?: { completion_tokens: number }; choices?: { text: string }[] }): ChunkReading {
+  return { text: chunk.choices?.[0]?.text, outputTokens: chunk.usage?.completion_tokens };
+}
+
+/** llama.cpp's /infill events; the last (`stop`) holds the counts. */
+function infillChunk(chunk: { content?: string; stop?: boolean; tokens_predicted?: number; tokens_evaluated?: number; tokens_cached?: number; truncated?: boolean }): ChunkReading {
+  if (!chunk.stop) return { text: chunk.content };
+  return {
+    outputTokens: chunk.tokens_predicted,
+    prompt: { tokens: chunk.tokens_evaluated ?? 0, cached: chunk.tokens_cached ?? 0, truncated: chunk.truncated === true },
+  };
+}
+
+/** One streamed request, timed from sending it: time to the first text, gaps between the rest. */
+async function streamRequest<C>(url: string, headers: Record<string, string>, body: object, read: (chunk: C) => ChunkReading): Promise<RequestResult> {
   const sent = performance.now();
   try {
     const res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body) });
-    if (!res.ok) {
-      const reply = (await res.json().catch(() => null)) as { error?: { message?: string } } | null;
-      return { error: `HTTP ${res.status}: ${reply?.error?.message ?? res.statusText}` };
-    }
+    if (!res.ok) return { error: await httpError(res) };
     let ttftMs: number | undefined;
     let last = 0;
     const gapsMs: number[] = [];
     let outputTokens = 0;
+    let prompt: InfillPromptReport | undefined;
     for await (const data of sseData(res.body!)) {
       if (data === "[DONE]") break;
-      const chunk = JSON.parse(data) as { error?: { message: string }; usage?: { completion_tokens: number }; choices?: { text: string }[] };
+      const chunk = JSON.parse(data) as C & { error?: { message: string } };
       if (chunk.error) return { error: `stream: ${chunk.error.message}` };
-      if (chunk.usage) outputTokens = chunk.usage.completion_tokens;
-      if (!chunk.choices?.[0]?.text) continue;
+      const reading = read(chunk);
+      outputTokens = reading.outputTokens ?? outputTokens;
+      prompt = reading.prompt ?? prompt;
+      if (!reading.text) continue;
       const now = performance.now();
       if (ttftMs === undefined) ttftMs = now - sent;
       else gapsMs.push(now - last);
       last = now;
     }
     if (ttftMs === undefined) return { error: "stream: no text came" };
-    return { ttftMs, gapsMs, decodeMs: last - sent - ttftMs, outputTokens };
+    return { ttftMs, gapsMs, decodeMs: last - sent - ttftMs, outputTokens, prompt };
   } catch (err) {
     return { error: oneLine(err) };
   }
+}
+
+/** An editor's request for no tokens: it only has to succeed. */
+async function warmupRequest(url: string, headers: Record<string, string>, body: object): Promise<RequestResult> {
+  try {
+    const res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body) });
+    if (!res.ok) return { warmup: true, error: await httpError(res) };
+    await res.json();
+    return { warmup: true };
+  } catch (err) {
+    return { warmup: true, error: oneLine(err) };
+  }
+}
+
+async function httpError(res: Response): Promise<string> {
+  const reply = (await res.json().catch(() => null)) as { error?: { message?: string } } | null;
+  return `HTTP ${res.status}: ${reply?.error?.message ?? res.statusText}`;
 }
 
 /**

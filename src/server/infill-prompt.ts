@@ -16,9 +16,10 @@ const MEMO_CHUNKS = 256;
  * tokenizer has one (else llama.cpp's plain-text separator), then the fill-in-the-middle prompt, whose
  * prefix `prompt` continues. Editor plugins send more context than a 2,048-token model holds (llama.vscode a
  * ring of 16 chunks of 64 lines), and llama.cpp fits it to the context rather than refuse it, so this does
- * too: the completion keeps up to a quarter of the context; the prefix's end and the suffix's start go
- * first (the suffix gets at least a quarter of what they may take where both are long); then the newest
- * chunks that fit whole, in their order.
+ * too: the completion keeps up to a quarter of the context; the chunks get up to half of it, the newest
+ * that fit whole, in their order, chosen whatever the request's own text, so that a warm-up (n_predict 0)
+ * and the completions after it start with the same chunks and share their cache; the prefix's end and the
+ * suffix's start take the rest (the suffix at least a quarter of it where both are long).
  *
  * The same chunks come back request after request, so their encodings are kept: tokenizing a ring of them
  * took 40-50 ms of the one JavaScript thread here each time.
@@ -37,14 +38,7 @@ export class InfillPrompter {
   /** The prompt of a request that will generate `nPredict` tokens (-1: to the end of the context). */
   build(body: InfillBody, nPredict: number): InfillPrompt {
     const reserve = nPredict === 0 ? 0 : Math.min(nPredict < 0 ? Infinity : nPredict, Math.floor(this.contextLength / 4));
-    const room = this.contextLength - reserve - 3; // the three FIM tokens
-    const prefix = this.encode(body.input_prefix + body.prompt);
-    const suffix = this.encode(body.input_suffix);
-    const suffixTake = Math.min(suffix.length, Math.max(room - prefix.length, Math.floor(room / 4)));
-    const prefixTake = Math.max(0, Math.min(prefix.length, room - suffixTake));
-    const fim = fimAround(this.tokenizer, prefix.slice(prefix.length - prefixTake), suffix.slice(0, suffixTake));
-
-    let extraRoom = room + 3 - fim.length;
+    let extraRoom = Math.floor(this.contextLength / 2);
     const chunks: number[][] = [];
     for (let i = body.input_extra.length - 1; i >= 0; i--) {
       const ids = this.chunk(body.input_extra[i]);
@@ -52,8 +46,16 @@ export class InfillPrompter {
       chunks.unshift(ids);
       extraRoom -= ids.length;
     }
+    const extra = chunks.flat();
+
+    const room = this.contextLength - reserve - extra.length - 3; // the three FIM tokens
+    const prefix = this.encode(body.input_prefix + body.prompt);
+    const suffix = this.encode(body.input_suffix);
+    const suffixTake = Math.min(suffix.length, Math.max(room - prefix.length, Math.floor(room / 4)));
+    const prefixTake = Math.max(0, Math.min(prefix.length, room - suffixTake));
+    const fim = fimAround(this.tokenizer, prefix.slice(prefix.length - prefixTake), suffix.slice(0, suffixTake));
     const truncated = prefixTake < prefix.length || suffixTake < suffix.length || chunks.length < body.input_extra.length;
-    return { ids: [...chunks.flat(), ...fim], truncated };
+    return { ids: [...extra, ...fim], truncated };
   }
 
   private encode(text: string): number[] {

@@ -33,6 +33,7 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
     frequencyPenalty: body.frequency_penalty,
     seed: body.seed === -1 ? undefined : body.seed,
     stop: body.stop,
+    ignoreEos: body.ignore_eos,
     signal: limit.signal,
   };
   const events = limit.watch(await startChoices(ctx.choicesContext(reply), [generate]));

@@ -1,6 +1,7 @@
 import { type Command, Option } from "commander";
 import { fail } from "../../errors.js";
-import { type LoadReport, type SoakVerdict, runLoad, soakVerdict } from "../../server/benchmark.js";
+import { type LoadReport, type SoakVerdict, type Workload, runLoad, soakVerdict } from "../../server/benchmark.js";
+import { CHUNK_LINES, RING_CHUNKS } from "../../server/editor-session.js";
 import { integerOption, modelOption, numberOption } from "../options.js";
 import { type ServingOptions, addServingOptions, startServing } from "./serve.js";
 
@@ -8,6 +9,7 @@ interface BenchServeOptions extends Omit<ServingOptions, "model"> {
   url?: string;
   model?: string;
   clients: number;
+  workload: Workload;
   requests?: number;
   duration?: number;
   promptLen: number;
@@ -29,9 +31,17 @@ export function register(program: Command): void {
     .addOption(new Option("--url <url>", "a running server (http://host:port)").conflicts("model"))
     .addOption(modelOption().makeOptionMandatory(false))
     .addOption(integerOption("--clients <n>", "concurrent clients", { min: 1 }).default(64))
+    .addOption(
+      new Option(
+        "--workload <kind>",
+        `completions: random prompts to /v1/completions; infill: editors sending /infill requests as llama.vscode does (the text around a cursor, a ring of ${RING_CHUNKS} chunks of ${CHUNK_LINES} lines of other files, now and then a new chunk sent ahead with n_predict 0)`,
+      )
+        .choices(["completions", "infill"])
+        .default("completions"),
+    )
     .addOption(integerOption("--requests <n>", "requests in all (default: 4 per client)", { min: 1 }))
     .addOption(numberOption("--duration <s>", "send requests for this long instead of a count", { above: 0 }).conflicts("requests"))
-    .addOption(integerOption("--prompt-len <n>", "prompt tokens per request (random ids)", { min: 1 }).default(512))
+    .addOption(integerOption("--prompt-len <n>", "prompt tokens per request (random ids; infill: about this many around the cursor, besides the ring)", { min: 1 }).default(512))
     .addOption(integerOption("--gen-len <n>", "generated tokens per request (exactly: ignore_eos)", { min: 1 }).default(128))
     .addOption(integerOption("--shared-prefix <n>", "leading prompt tokens common to every request", { min: 0 }).default(0))
     .addOption(numberOption("--ramp-up <s>", "start the clients evenly over this many seconds instead of all at once", { min: 0 }).default(0))
@@ -52,6 +62,7 @@ async function benchServe(opts: BenchServeOptions): Promise<void> {
   const load = {
     apiKey: opts.apiKey,
     clients: opts.clients,
+    workload: opts.workload,
     requests: opts.requests ?? (durationS === undefined ? 4 * opts.clients : undefined),
     durationS,
     promptLen: opts.promptLen,
@@ -92,13 +103,20 @@ function table(r: LoadReport, soak: SoakVerdict | null): string {
     ["prefix cache", `hit rate ${n(r.prefixCache.hitRate * 100)}%, ${n(r.prefixCache.prefillTokensSaved, 0)} prefill tokens saved`],
     ["KV blocks at the end", String(r.kvBlocksUsedAtEnd)],
   ];
+  if (r.editor) {
+    const e = r.editor;
+    rows.push(["editors' prompts", `p50 ${n(e.promptTokens.p50, 0)} tokens, ${n(e.cachedShare * 100)}% cached, ${e.truncated} cut to fit`]);
+    rows.push(["warm-ups", `${e.warmups} (n_predict 0, not counted above)`]);
+  }
   if (soak) {
     const m = soak.rssMiB;
     rows.push(["RSS (MiB)", `first ${n(m.first, 0)}, after warm-up ${n(m.afterWarmup, 0)}, last ${n(m.last, 0)}, peak ${n(m.peak, 0)}`]);
     rows.push(["soak", soak.passed ? "passed" : `FAILED: ${soak.problems.join("; ")}`]);
   }
   for (const e of r.firstErrors) rows.push(["error", e]);
-  const head = `${r.model}: ${r.clients} clients, ${r.promptLen} prompt + ${r.genLen} generated tokens` +
+  const s = r.clients === 1 ? "" : "s";
+  const what = r.workload === "infill" ? `editor${s} (/infill), about ${r.promptLen} tokens around the cursor` : `client${s}, ${r.promptLen} prompt`;
+  const head = `${r.model}: ${r.clients} ${what} + ${r.genLen} generated tokens` +
     (r.sharedPrefix > 0 ? ` (${r.sharedPrefix} shared)` : "") +
     (r.rampUpS > 0 ? `, clients started over ${r.rampUpS} s` : "") +
     `, prompt seed ${r.seed}`;
