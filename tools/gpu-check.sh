@@ -109,10 +109,14 @@ if has serve; then
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 2048 --prompt-len 512 --gen-len 128 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 512 --prompt-len 512 --gen-len 128 --shared-prefix 400 | tee -a "$OUT/bench-serve.txt"
   $cli bench-serve --url http://127.0.0.1:8123 --clients 64 --requests 2048 --prompt-len 512 --gen-len 128 --shared-prefix 400 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
+  for editors in 1 4; do  # editors' /infill requests, as llama.vscode sends them: time to first token
+    $cli bench-serve --url http://127.0.0.1:8123 --workload infill --clients $editors --requests $((50 * editors)) --prompt-len 512 --gen-len 64 | tee -a "$OUT/bench-serve.txt"
+  done
   kill $server
   wait $server 2>/dev/null
   step "the same load on a simulated device (the host's share alone)"
   node dist/bench/serve-host.js -- --clients 64 --requests 512 --prompt-len 512 --gen-len 128 --ramp-up 1 | tee -a "$OUT/bench-serve.txt"
+  node dist/bench/serve-host.js -- --workload infill --clients 4 --requests 200 --prompt-len 512 --gen-len 64 | tee -a "$OUT/bench-serve.txt"
 fi
 
 if has compile; then
