@@ -22,9 +22,10 @@ export interface ChoicesContext {
 }
 
 /**
- * Start all of an HTTP request's choices in the engine (each also ends when its own signal fires), all or none: this waits for every choice's first
+ * Start all of an HTTP request's choices in the engine, all or none: this waits for every choice's first
  * event, so that a refusal (a prompt too long, a full queue) or an early failure becomes the response's
- * status before any of it is sent, and a refused choice cancels the others. Then the choices' events are
+ * status before any of it is sent, and a refused choice cancels the others. A choice also ends when its
+ * own request's signal fires. Then the choices' events are
  * merged in the order they come, each pulled from the engine as soon as it is there (the latency metrics
  * see when tokens were made, not when a slow client read them), in batches of what came together.
  */

@@ -17,8 +17,8 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
   const body = parseBody(infillSchema, request.body);
   const { config } = ctx.engine;
   const { ids: prompt, truncated } = prompter.build(body, body.n_predict);
-  // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for the
-  // prefix cache to hold them before the completion that follows.
+  // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for
+  // the prefix cache to hold them before the completions that follow.
   const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
   const limit = new PredictLimit(body.t_max_predict_ms);
   const generate = {
