@@ -300,7 +300,7 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     assert.equal(small.body.truncated, false);
   });
 
-  it("ends an /infill at llama.cpp's t_max_predict_ms once its text has a newline", async () => {
+  it("ends an /infill at llama.cpp's t_max_predict_ms once its text has a newline, and at its n_indent", async () => {
     const slow = await startServer((await slowEngine()).engine); // a token every 2 ms or more
     try {
       const body = { input_prefix: "x = 1\n", input_suffix: "\n", n_predict: 24, temperature: 0 };
@@ -315,6 +315,11 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
       const events = (await readEvents(raw)).map((e) => JSON.parse(e));
       assert.equal(events.map((e) => e.content).join(""), limited.content);
       assert.equal(events.at(-1).stop_type, "limit");
+      // n_indent: the first later line indented less than 4 ends it before its first other character.
+      const under = [...free.content.matchAll(/\n([ \t]*)(?=[^ \t\n])/g)].find((m) => m[1].length < 4)!;
+      const indented = (await postJson(`${slow.url}/infill`, { ...body, n_indent: 4 })).body;
+      assert.equal(indented.content, free.content.slice(0, under.index + 1 + under[1].length));
+      assert.equal(indented.stop_type, "limit");
     } finally {
       await slow.close();
     }

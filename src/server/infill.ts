@@ -2,8 +2,9 @@ import type { FastifyReply, FastifyRequest } from "fastify";
 import type { DoneEvent } from "../runtime/engine.js";
 import type { Tokenizer } from "../tokenizer/tokenizer.js";
 import type { RouteContext } from "./app.js";
-import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
+import { type ChoiceBatch, startChoices } from "./choices.js";
 import type { InfillPrompter } from "./infill-prompt.js";
+import { InfillStops } from "./infill-stops.js";
 import { type InfillBody, infillSchema, parseBody } from "./requests.js";
 import { sendEvents } from "./sse.js";
 
@@ -20,7 +21,7 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
   // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for
   // the prefix cache to hold them before the completions that follow.
   const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
-  const limit = new PredictLimit(body.t_max_predict_ms);
+  const stops = new InfillStops(body.t_max_predict_ms, body.n_indent);
   const generate = {
     prompt,
     maxTokens,
@@ -34,59 +35,30 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
     seed: body.seed === -1 ? undefined : body.seed,
     stop: body.stop,
     ignoreEos: body.ignore_eos,
-    signal: limit.signal,
+    signal: stops.signal,
   };
-  const events = limit.watch(await startChoices(ctx.choicesContext(reply), [generate]));
-  const run: InfillRun = { body, limit, truncated };
+  const events = await startChoices(ctx.choicesContext(reply), [generate]);
+  const run: InfillRun = { body, stops, truncated };
   if (body.stream) {
     return sendEvents(reply, infillEvents(ctx, run, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
   }
-  const [{ done }] = await collectChoices(events, 1);
-  return infillResult(ctx, run, done, done.text);
+  let content = "";
+  let done: DoneEvent | undefined;
+  for await (const batch of events) {
+    for (const { event } of batch) {
+      if (event.type === "token" || event.type === "text") content += stops.cut(event.text);
+      if (event.type === "done") done = event;
+    }
+  }
+  return infillResult(ctx, run, done!, content);
 }
 
 /** What a request's result reports besides its done event. */
 interface InfillRun {
   body: InfillBody;
-  limit: PredictLimit;
+  stops: InfillStops;
   /** Its prompt left some of the request out, to fit the context. */
   truncated: boolean;
-}
-
-/**
- * llama.cpp's t_max_predict_ms: once generation has run this long since its first token and its text holds a
- * newline, it stops (a "limit" stop), so that an editor gets whole lines in bounded time. Checked as tokens
- * arrive: a backend call's tokens at a time.
- */
-class PredictLimit {
-  private readonly controller = new AbortController();
-  private first: number | null = null;
-  private newline = false;
-
-  constructor(private readonly ms: number) {}
-
-  get signal(): AbortSignal {
-    return this.controller.signal;
-  }
-
-  get reached(): boolean {
-    return this.controller.signal.aborted;
-  }
-
-  async *watch(batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<ChoiceBatch> {
-    for await (const batch of batches) {
-      for (const { event } of batch) if (event.type === "token") this.see(event.text);
-      yield batch;
-    }
-  }
-
-  private see(text: string): void {
-    if (this.ms <= 0) return;
-    const now = performance.now();
-    this.first ??= now;
-    this.newline ||= text.includes("\n");
-    if (this.newline && now - this.first > this.ms) this.controller.abort();
-  }
 }
 
 async function* infillEvents(ctx: RouteContext, run: InfillRun, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
@@ -97,16 +69,18 @@ async function* infillEvents(ctx: RouteContext, run: InfillRun, promptTokens: nu
       if (event.type === "done") {
         out.push(infillResult(ctx, run, event, ""));
       } else {
+        if (event.type === "prompt") continue;
         if (event.type === "token") predicted++;
-        if (event.type !== "prompt" && event.text) out.push({ content: event.text, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
+        const content = run.stops.cut(event.text);
+        if (content) out.push({ content, stop: false, tokens_predicted: predicted, tokens_evaluated: promptTokens });
       }
     }
     yield out;
   }
 }
 
-function infillResult(ctx: RouteContext, { body, limit, truncated }: InfillRun, done: DoneEvent, content: string): object {
-  const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop, limit.reached);
+function infillResult(ctx: RouteContext, { body, stops, truncated }: InfillRun, done: DoneEvent, content: string): object {
+  const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop, stops.reached);
   const t = done.timings;
   const promptN = done.promptTokens.length - done.cachedPromptTokens;
   const promptMs = t.promptMs;
@@ -152,7 +126,7 @@ function infillResult(ctx: RouteContext, { body, limit, truncated }: InfillRun, 
 /**
  * llama.cpp's stop type. The engine says "stop" for an end-of-sequence token and for a stop string alike;
  * a stop string is the one case where the generated tokens' text holds one (the reply's text ends before it).
- * A request the time limit ended (`limited`) ends as aborted in the engine.
+ * A request InfillStops ended (`limited`) ends as aborted in the engine.
  */
 function stopOf(tokenizer: Tokenizer, done: DoneEvent, stops: string[], limited: boolean): { stopType: string; word: string } {
   if (done.finishReason === "length" || (done.finishReason === "abort" && limited)) return { stopType: "limit", word: "" };

@@ -90,6 +90,7 @@ export const infillSchema = z.object({
   stop: z.array(z.string().min(1)).max(MAX_STOP_STRINGS).default([]),
   stream: z.boolean().default(false),
   t_max_predict_ms: z.number().min(0).default(0), // 0: no limit
+  n_indent: z.number().int().min(0).default(0),
   ignore_eos: z.boolean().default(false),
 });
 
