@@ -206,7 +206,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     kvBlocksUsedAtEnd: await server.settledKvBlocks(),
   };
   if (workload === "infill") {
-    const prompts = ok.map((r) => r.prompt!);
+    const prompts = ok.flatMap((r) => (r.prompt ? [r.prompt] : []));
     const total = prompts.reduce((sum, p) => sum + p.tokens, 0);
     report.editor = {
       warmups: results.filter((r) => r.warmup && r.error === undefined).length,

@@ -45,13 +45,13 @@ export function editorSession(rng: Rng, promptTokens: number, genTokens: number)
       ring.shift();
       ring.push(chunk(made++));
       warmed = false;
-      return { body: { input_extra: ring, input_prefix: "", input_suffix: "", n_predict: 0 }, warmup: true };
+      return { body: { input_extra: [...ring], input_prefix: "", input_suffix: "", n_predict: 0 }, warmup: true };
     }
     warmed = true;
     completions++;
     written.push(line());
     const body = {
-      input_extra: ring,
+      input_extra: [...ring],
       input_prefix: written.slice(-before).join(""),
       input_suffix: rest,
       n_predict: genTokens,
