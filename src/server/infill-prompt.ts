@@ -8,8 +8,8 @@ export interface InfillPrompt {
   truncated: boolean;
 }
 
-/** Chunk encodings kept: a few editors' rings of chunks (llama.vscode keeps 16 by default). */
-const MEMO_CHUNKS = 256;
+/** Encodings kept: a few editors' rings of chunks (llama.vscode keeps 16 by default) and suffixes. */
+const MEMO_ENTRIES = 256;
 
 /**
  * /infill's prompt: other files' text (input_extra) first, each after StarCoder's <filename> token where the
@@ -22,7 +22,8 @@ const MEMO_CHUNKS = 256;
  * suffix's start take the rest (the suffix at least a quarter of it where both are long).
  *
  * The same chunks come back request after request, so their encodings are kept: tokenizing a ring of them
- * took 40-50 ms of the one JavaScript thread here each time.
+ * took 40-50 ms of the one JavaScript thread here each time. So does the suffix while a line is typed (the
+ * text after the cursor stays as it was); the prefix changes with every key.
  */
 export class InfillPrompter {
   private readonly memo = new Map<string, number[]>();
@@ -50,7 +51,7 @@ export class InfillPrompter {
 
     const room = this.contextLength - reserve - extra.length - 3; // the three FIM tokens
     const prefix = this.encode(body.input_prefix + body.prompt);
-    const suffix = this.encode(body.input_suffix);
+    const suffix = this.memoized(`s\u0000${body.input_suffix}`, () => this.encode(body.input_suffix));
     const suffixTake = Math.min(suffix.length, Math.max(room - prefix.length, Math.floor(room / 4)));
     const prefixTake = Math.max(0, Math.min(prefix.length, room - suffixTake));
     const fim = fimAround(this.tokenizer, prefix.slice(prefix.length - prefixTake), suffix.slice(0, suffixTake));
@@ -63,13 +64,20 @@ export class InfillPrompter {
   }
 
   private chunk({ filename, text }: InfillBody["input_extra"][number]): number[] {
-    const key = `${filename}\u0000${text}`;
+    const file = this.fileToken;
+    return this.memoized(`c\u0000${filename}\u0000${text}`, () =>
+      file === null ? this.encode(`\n\n--- snippet ---\n\n${text}`) : [file, ...this.encode(`${filename}\n${text}`)],
+    );
+  }
+
+  /** `make()`, or what it made for the same key lately (the least recently used goes first). */
+  private memoized(key: string, make: () => number[]): number[] {
     let ids = this.memo.get(key);
     if (ids) {
       this.memo.delete(key); // to the back: the most recently used
     } else {
-      ids = this.fileToken === null ? this.encode(`\n\n--- snippet ---\n\n${text}`) : [this.fileToken, ...this.encode(`${filename}\n${text}`)];
-      if (this.memo.size >= MEMO_CHUNKS) this.memo.delete(this.memo.keys().next().value!);
+      ids = make();
+      if (this.memo.size >= MEMO_ENTRIES) this.memo.delete(this.memo.keys().next().value!);
     }
     this.memo.set(key, ids);
     return ids;
