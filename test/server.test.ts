@@ -368,6 +368,11 @@ describe("server: chat completions", () => {
     assert.equal(res.usage!.completion_tokens, expected.tokens.length);
     const byId = await client.chat.completions.create({ model: "tiny-chat", messages, max_completion_tokens: 8, ...greedy });
     assert.equal(byId.choices[0].message.content, expected.text, "the engine's model id is accepted too");
+    // llama.cpp's -1 (no limit), as llama.vscode sends it: to the end of the context, or a stop.
+    const unlimited = await postJson(`${server.url}/v1/chat/completions`, { model: "chatty", messages, max_tokens: -1, ignore_eos: true, ...greedy });
+    assert.equal(unlimited.body.usage.completion_tokens, 256 - promptIds().length);
+    const zero = await postJson(`${server.url}/v1/chat/completions`, { model: "chatty", messages, max_tokens: 0 });
+    assert.equal(zero.status, 400);
   });
 
   it("streams the role, then content deltas that add up, then the finish reason", async () => {

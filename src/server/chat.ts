@@ -11,8 +11,8 @@ import { sendEvents } from "./sse.js";
 
 /**
  * POST /v1/chat/completions: the conversation rendered by the model's chat template (with the generation
- * prompt), then generated as a completion. Without max_tokens a reply may run to the end of the context,
- * as OpenAI's do.
+ * prompt), then generated as a completion. Without max_tokens (or with llama.cpp's -1) a reply may run to
+ * the end of the context, as OpenAI's do.
  */
 export async function chatCompletions(ctx: RouteContext, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
   const body = parseBody(chatSchema, request.body);
@@ -28,7 +28,8 @@ export async function chatCompletions(ctx: RouteContext, request: FastifyRequest
   const text = tokenizer.applyChatTemplate(body.messages.map(toChatMessage), { addGenerationPrompt: true });
   // The template writes BOS and the like itself; tokenizing must not add them again (as transformers).
   const prompt = tokenizer.encode(text, { addSpecialTokens: false });
-  const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(1, config.maxPositionEmbeddings - prompt.length);
+  const limit = body.max_completion_tokens ?? (body.max_tokens === -1 ? null : body.max_tokens);
+  const maxTokens = limit ?? Math.max(1, config.maxPositionEmbeddings - prompt.length);
   const n = body.n ?? 1;
   const requests = Array.from({ length: n }, (_, i) => ({
     ...samplingOptions(body),

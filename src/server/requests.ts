@@ -56,7 +56,8 @@ export const chatSchema = z.object({
   messages: z
     .array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart)]).nullish() }))
     .min(1),
-  max_tokens: z.number().int().min(1).nullish(),
+  // -1: no limit, as llama.cpp's chat API takes it (llama.vscode sends it)
+  max_tokens: z.number().int().min(-1).refine((n) => n !== 0, "expected a positive number of tokens, or -1 for no limit").nullish(),
   max_completion_tokens: z.number().int().min(1).nullish(),
   logprobs: z.boolean().nullish(),
   top_logprobs: z.number().int().min(0).max(20).nullish(),
