@@ -326,6 +326,34 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
   });
 });
 
+describe("server: tokenize", () => {
+  let server: TestServer;
+  before(async () => {
+    server = await startServer((await tinyEngine()).engine);
+  });
+  after(() => server.close());
+
+  it("tokenizes and detokenizes in vLLM's and llama.cpp's forms", async () => {
+    const text = "def add(a, b):\n    return a + b\n";
+    const ids = testTokenizer().encode(text);
+    const vllm = await postJson(`${server.url}/tokenize`, { model: "tiny", prompt: text });
+    assert.deepEqual(vllm.body, { tokens: ids, count: ids.length, max_model_len: 256 });
+    const llama = await postJson(`${server.url}/tokenize`, { content: text, with_pieces: true });
+    const pieces = llama.body.tokens as { id: number; piece: string }[];
+    assert.deepEqual(pieces.map((t) => t.id), testTokenizer().encode(text, { addSpecialTokens: false }));
+    assert.equal(pieces.map((t) => t.piece).join(""), text);
+    assert.deepEqual((await postJson(`${server.url}/detokenize`, { tokens: ids })).body, { prompt: text, content: text });
+    const refusals: [string, object, number][] = [
+      ["/tokenize", { prompt: "a", content: "b" }, 400],
+      ["/tokenize", {}, 400],
+      ["/tokenize", { model: "nope", prompt: "a" }, 404],
+      ["/detokenize", { tokens: [1, 99999] }, 400],
+      ["/detokenize", { tokens: "1,2" }, 400],
+    ];
+    for (const [path, body, status] of refusals) assert.equal((await postJson(server.url + path, body)).status, status, JSON.stringify(body));
+  });
+});
+
 describe("server: chat completions", () => {
   const files = buildTokenizerFiles();
   const template =
@@ -373,6 +401,11 @@ describe("server: chat completions", () => {
     assert.equal(unlimited.body.usage.completion_tokens, 256 - promptIds().length);
     const zero = await postJson(`${server.url}/v1/chat/completions`, { model: "chatty", messages, max_tokens: 0 });
     assert.equal(zero.status, 400);
+  });
+
+  it("tokenizes a conversation as the chat route renders it", async () => {
+    const res = await postJson(`${server.url}/tokenize`, { model: "chatty", messages });
+    assert.deepEqual(res.body.tokens, promptIds());
   });
 
   it("streams the role, then content deltas that add up, then the finish reason", async () => {

@@ -11,6 +11,7 @@ import { InfillPrompter } from "./infill-prompt.js";
 import { ServerMetrics } from "./metrics.js";
 import { unixSeconds } from "./openai.js";
 import { PLAYGROUND_HTML } from "./playground.js";
+import { detokenize, tokenize } from "./tokenize.js";
 
 /**
  * 1 MiB: a full 4,096-token context is about 16 KB of text, or 25 KB as token ids, so this holds dozens of
@@ -50,11 +51,11 @@ export interface RouteContext {
 }
 
 /**
- * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill, /health,
- * Prometheus /metrics and the playground page, over one engine. The caller listens (decima serve binds
- * 127.0.0.1 unless told otherwise) and closes the engine after the server. Nothing a client sends can take
- * the server down: every failure becomes an error response in OpenAI's shape, and only unexpected ones
- * (500) are logged.
+ * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill,
+ * /tokenize and /detokenize (vLLM's and llama.cpp's forms), /health, Prometheus /metrics and the playground
+ * page, over one engine. The caller listens (decima serve binds 127.0.0.1 unless told otherwise) and closes
+ * the engine after the server. Nothing a client sends can take the server down: every failure becomes an
+ * error response in OpenAI's shape, and only unexpected ones (500) are logged.
  */
 export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyInstance {
   // forceCloseConnections: closing the server cuts open streams, whose requests are then cancelled.
@@ -128,6 +129,8 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   app.post("/v1/chat/completions", (request, reply) => chatCompletions(ctx, request, reply));
   const prompter = new InfillPrompter(engine.tokenizer, engine.config.maxPositionEmbeddings);
   app.post("/infill", (request, reply) => infill(ctx, prompter, request, reply));
+  app.post("/tokenize", (request) => tokenize(ctx, request));
+  app.post("/detokenize", (request) => detokenize(ctx, request));
   return app;
 }
 

@@ -6,7 +6,7 @@ import type { RouteContext } from "./app.js";
 import { type ChoiceBatch, collectChoices, startChoices } from "./choices.js";
 import { chatLogprobs } from "./logprobs.js";
 import { responseId, unixSeconds, usageOf } from "./openai.js";
-import { type ChatBody, chatSchema, choiceSeed, parseBody, samplingOptions } from "./requests.js";
+import { type ChatBody, type ChatMessages, chatSchema, choiceSeed, parseBody, samplingOptions } from "./requests.js";
 import { sendEvents } from "./sse.js";
 
 /**
@@ -18,16 +18,10 @@ export async function chatCompletions(ctx: RouteContext, request: FastifyRequest
   const body = parseBody(chatSchema, request.body);
   const model = ctx.checkModel(body.model);
   const { tokenizer, config } = ctx.engine;
-  if (tokenizer.chatTemplate === null) {
-    throw new ApiError(400, `model "${model}" has no chat template: use /v1/completions`, "messages");
-  }
   if (body.top_logprobs != null && !body.logprobs) {
     throw new ApiError(400, "top_logprobs: needs logprobs set to true", "top_logprobs");
   }
-
-  const text = tokenizer.applyChatTemplate(body.messages.map(toChatMessage), { addGenerationPrompt: true });
-  // The template writes BOS and the like itself; tokenizing must not add them again (as transformers).
-  const prompt = tokenizer.encode(text, { addSpecialTokens: false });
+  const prompt = chatPromptIds(ctx, model, body.messages, true);
   const limit = body.max_completion_tokens ?? (body.max_tokens === -1 ? null : body.max_tokens);
   const maxTokens = limit ?? Math.max(1, config.maxPositionEmbeddings - prompt.length);
   const n = body.n ?? 1;
@@ -54,8 +48,19 @@ export async function chatCompletions(ctx: RouteContext, request: FastifyRequest
   return { ...head, object: "chat.completion", choices, usage: usageOf(results.map((r) => r.done), n) };
 }
 
+/** The conversation rendered by the model's chat template, as token ids (a 400 for a model without one). */
+export function chatPromptIds(ctx: RouteContext, model: string, messages: ChatMessages, addGenerationPrompt: boolean): number[] {
+  const { tokenizer } = ctx.engine;
+  if (tokenizer.chatTemplate === null) {
+    throw new ApiError(400, `model "${model}" has no chat template: use /v1/completions`, "messages");
+  }
+  const text = tokenizer.applyChatTemplate(messages.map(toChatMessage), { addGenerationPrompt });
+  // The template writes BOS and the like itself; tokenizing must not add them again (as transformers).
+  return tokenizer.encode(text, { addSpecialTokens: false });
+}
+
 /** OpenAI's content may be text parts; the template wants one string. */
-function toChatMessage(m: ChatBody["messages"][number]): ChatMessage {
+function toChatMessage(m: ChatMessages[number]): ChatMessage {
   const content = m.content ?? "";
   return { role: m.role, content: typeof content === "string" ? content : content.map((p) => p.text).join("") };
 }

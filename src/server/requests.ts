@@ -50,12 +50,13 @@ export const completionSchema = z.object({
 export type CompletionBody = z.infer<typeof completionSchema>;
 
 const contentPart = z.object({ type: z.literal("text"), text: z.string() });
+const chatMessages = z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart)]).nullish() })).min(1);
+
+export type ChatMessages = z.infer<typeof chatMessages>;
 
 export const chatSchema = z.object({
   ...samplingFields,
-  messages: z
-    .array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart)]).nullish() }))
-    .min(1),
+  messages: chatMessages,
   // -1: no limit, as llama.cpp's chat API takes it (llama.vscode sends it)
   max_tokens: z.number().int().min(-1).refine((n) => n !== 0, "expected a positive number of tokens, or -1 for no limit").nullish(),
   max_completion_tokens: z.number().int().min(1).nullish(),
@@ -64,6 +65,25 @@ export const chatSchema = z.object({
 });
 
 export type ChatBody = z.infer<typeof chatSchema>;
+
+/** /tokenize: vLLM's form (`prompt`, or `messages`), or llama.cpp's (`content`). */
+export const tokenizeSchema = z.object({
+  model: z.string().nullish(),
+  prompt: z.string().nullish(),
+  messages: chatMessages.nullish(),
+  content: z.string().nullish(),
+  add_special_tokens: z.boolean().nullish(), // vLLM's, default true
+  add_generation_prompt: z.boolean().nullish(), // vLLM's, with messages, default true
+  add_special: z.boolean().nullish(), // llama.cpp's, default false
+  with_pieces: z.boolean().nullish(), // llama.cpp's
+});
+
+export type TokenizeBody = z.infer<typeof tokenizeSchema>;
+
+export const detokenizeSchema = z.object({
+  model: z.string().nullish(),
+  tokens: z.array(z.number().int()),
+});
 
 /**
  * llama.cpp's /infill, with its defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, no repeat
