@@ -1,4 +1,6 @@
+import { Lru } from "../lru.js";
 import { fimAround } from "../tokenizer/fim.js";
+import { LineEncoder } from "../tokenizer/line-encoder.js";
 import type { Tokenizer } from "../tokenizer/tokenizer.js";
 import type { InfillBody } from "./requests.js";
 
@@ -8,8 +10,10 @@ export interface InfillPrompt {
   truncated: boolean;
 }
 
-/** Encodings kept: a few editors' rings of chunks (llama.vscode keeps 16 by default) and suffixes. */
-const MEMO_ENTRIES = 256;
+/** Chunk encodings kept: a few editors' rings (llama.vscode keeps 16 chunks by default). */
+const CHUNKS_KEPT = 256;
+/** Line encodings kept for prefixes and suffixes: a few editors' 256 lines before the cursor and 64 after. */
+const LINES_KEPT = 8192;
 
 /**
  * /infill's prompt: other files' text (input_extra) first, each after StarCoder's <filename> token where the
@@ -22,11 +26,12 @@ const MEMO_ENTRIES = 256;
  * suffix's start take the rest (the suffix at least a quarter of it where both are long).
  *
  * The same chunks come back request after request, so their encodings are kept: tokenizing a ring of them
- * took 40-50 ms of the one JavaScript thread here each time. So does the suffix while a line is typed (the
- * text after the cursor stays as it was); the prefix changes with every key.
+ * took 40-50 ms of the one JavaScript thread here each time. So do the lines around the cursor, which the
+ * prefix and suffix are encoded by (LineEncoder): a key typed changes one of them.
  */
 export class InfillPrompter {
-  private readonly memo = new Map<string, number[]>();
+  private readonly chunks = new Lru<string, number[]>(CHUNKS_KEPT);
+  private readonly lines: LineEncoder;
   private readonly fileToken: number | null;
 
   constructor(
@@ -34,6 +39,7 @@ export class InfillPrompter {
     private readonly contextLength: number,
   ) {
     this.fileToken = tokenizer.tokenToId("<filename>");
+    this.lines = new LineEncoder(tokenizer, LINES_KEPT);
   }
 
   /** The prompt of a request that will generate `nPredict` tokens (-1: to the end of the context). */
@@ -50,8 +56,8 @@ export class InfillPrompter {
     const extra = chunks.flat();
 
     const room = this.contextLength - reserve - extra.length - 3; // the three FIM tokens
-    const prefix = this.encode(body.input_prefix + body.prompt);
-    const suffix = this.memoized(`s\u0000${body.input_suffix}`, () => this.encode(body.input_suffix));
+    const prefix = this.lines.encode(body.input_prefix + body.prompt);
+    const suffix = this.lines.encode(body.input_suffix);
     const suffixTake = Math.min(suffix.length, Math.max(room - prefix.length, Math.floor(room / 4)));
     const prefixTake = Math.max(0, Math.min(prefix.length, room - suffixTake));
     const fim = fimAround(this.tokenizer, prefix.slice(prefix.length - prefixTake), suffix.slice(0, suffixTake));
@@ -65,21 +71,8 @@ export class InfillPrompter {
 
   private chunk({ filename, text }: InfillBody["input_extra"][number]): number[] {
     const file = this.fileToken;
-    return this.memoized(`c\u0000${filename}\u0000${text}`, () =>
+    return this.chunks.get(`${filename}\u0000${text}`, () =>
       file === null ? this.encode(`\n\n--- snippet ---\n\n${text}`) : [file, ...this.encode(`${filename}\n${text}`)],
     );
-  }
-
-  /** `make()`, or what it made for the same key lately (the least recently used goes first). */
-  private memoized(key: string, make: () => number[]): number[] {
-    let ids = this.memo.get(key);
-    if (ids) {
-      this.memo.delete(key); // to the back: the most recently used
-    } else {
-      ids = make();
-      if (this.memo.size >= MEMO_ENTRIES) this.memo.delete(this.memo.keys().next().value!);
-    }
-    this.memo.set(key, ids);
-    return ids;
   }
 }

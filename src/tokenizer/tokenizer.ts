@@ -4,6 +4,7 @@ import { Template } from "@huggingface/jinja";
 import { z } from "zod";
 import { fail, oneLine } from "../errors.js";
 import { HfTokenizer } from "./hf.js";
+import { splitsAtLineEnds } from "./line-encoder.js";
 
 /** Ids of the fill-in-the-middle tokens (StarCoder's <fim_prefix>, <fim_middle>, <fim_suffix>, <fim_pad>). */
 export interface FimTokens {
@@ -65,6 +66,8 @@ export class Tokenizer {
   readonly eosTokenId: number | null;
   readonly fim: FimTokens | null;
   readonly chatTemplate: string | null;
+  /** See splitsAtLineEnds (line-encoder.ts). */
+  readonly splitsAtLineEnds: boolean;
   private readonly specialIds: Set<number>;
   private readonly bosToken: string | null;
   private readonly eosToken: string | null;
@@ -74,7 +77,9 @@ export class Tokenizer {
     private readonly hf: HfTokenizer,
     config: TokenizerConfig,
     private readonly sources: Sources,
+    splits: boolean,
   ) {
+    this.splitsAtLineEnds = splits;
     let maxId = -1;
     for (const id of hf.get_vocab(true).values()) maxId = Math.max(maxId, id);
     this.vocabSize = maxId + 1;
@@ -124,7 +129,7 @@ export class Tokenizer {
     } catch (err) {
       fail("tokenizer", `${sources.json}: ${oneLine(err)}`, err);
     }
-    return new Tokenizer(hf, config, sources);
+    return new Tokenizer(hf, config, sources, splitsAtLineEnds(json));
   }
 
   /**
