@@ -219,6 +219,22 @@ for (const asyncScheduling of [false, true]) describe(`server: OpenAI completion
     assert.equal(worded.body.stopping_word, expected.text.slice(2, 4));
   });
 
+  it("serves llama.cpp's /completion, whole or streamed, from text or token ids", async () => {
+    const ids = testTokenizer().encode(PROMPT);
+    const expected = await direct(engine, { prompt: ids, maxTokens: 6, ignoreEos: true });
+    const body = { prompt: PROMPT, n_predict: 6, temperature: 0, ignore_eos: true };
+    const res = await postJson(`${server.url}/completion`, body);
+    assert.deepEqual([res.status, res.body.content, res.body.tokens_predicted, res.body.tokens_evaluated], [200, expected.text, 6, ids.length]);
+    assert.equal(res.body.stop_type, "limit");
+    assert.equal((await postJson(`${server.url}/completion`, { ...body, prompt: ids })).body.content, expected.text);
+    const raw = await fetch(`${server.url}/completion`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ...body, stream: true }) });
+    const events = (await readEvents(raw)).map((e) => JSON.parse(e));
+    assert.equal(events.map((e) => e.content).join(""), expected.text);
+    assert.equal(events.at(-1).stop, true);
+    const refused = await postJson(`${server.url}/completion`, { prompt: promptOf(300, 1) });
+    assert.equal(refused.status, 400);
+  });
+
   it("answers /health, and /metrics with what happened", async () => {
     const health = await fetch(`${server.url}/health`);
     assert.equal(health.status, 200);

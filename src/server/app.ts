@@ -6,8 +6,8 @@ import { ApiError, type ErrorBody, errorReply } from "./api-error.js";
 import { chatCompletions } from "./chat.js";
 import type { ChoicesContext } from "./choices.js";
 import { completions } from "./completions.js";
-import { infill } from "./infill.js";
 import { InfillPrompter } from "./infill-prompt.js";
+import { infill, llamaCompletion } from "./llama-cpp.js";
 import { ServerMetrics } from "./metrics.js";
 import { unixSeconds } from "./openai.js";
 import { PLAYGROUND_HTML } from "./playground.js";
@@ -51,8 +51,8 @@ export interface RouteContext {
 }
 
 /**
- * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill,
- * /tokenize and /detokenize (vLLM's and llama.cpp's forms), /health, Prometheus /metrics and the playground
+ * The HTTP server: OpenAI's completions, chat completions and models routes, llama.cpp's /infill and
+ * /completion, /tokenize and /detokenize (vLLM's and llama.cpp's forms), /health, Prometheus /metrics and the playground
  * page, over one engine. The caller listens (decima serve binds 127.0.0.1 unless told otherwise) and closes
  * the engine after the server. Nothing a client sends can take the server down: every failure becomes an
  * error response in OpenAI's shape, and only unexpected ones (500) are logged.
@@ -129,6 +129,7 @@ export function buildServer(engine: Engine, opts: ServerOptions = {}): FastifyIn
   app.post("/v1/chat/completions", (request, reply) => chatCompletions(ctx, request, reply));
   const prompter = new InfillPrompter(engine.tokenizer, engine.config.maxPositionEmbeddings);
   app.post("/infill", (request, reply) => infill(ctx, prompter, request, reply));
+  app.post("/completion", (request, reply) => llamaCompletion(ctx, request, reply));
   app.post("/tokenize", (request) => tokenize(ctx, request));
   app.post("/detokenize", (request) => detokenize(ctx, request));
   return app;

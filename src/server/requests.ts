@@ -86,20 +86,12 @@ export const detokenizeSchema = z.object({
 });
 
 /**
- * llama.cpp's /infill, with its defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, no repeat
- * penalty, n_predict -1: until the end of the context). `prompt` is text that goes right after the prefix,
- * as llama.cpp's format_infill puts it; `input_extra` chunks (other files) go before the FIM prompt.
+ * What llama.cpp's own generation routes (/completion, /infill) share, with its defaults (temperature 0.8,
+ * top_k 40, top_p 0.95, min_p 0.05, no repeat penalty, n_predict -1: until the end of the context; 0: the
+ * prompt alone), and the two stop rules /infill's clients send (InfillStops).
  */
-export const infillSchema = z.object({
-  input_prefix: z.string().default(""),
-  input_suffix: z.string().default(""),
-  input_extra: z.array(z.object({ filename: z.string().default("tmp"), text: z.string() })).default([]),
-  prompt: z.string().default(""),
-  n_predict: z
-    .number()
-    .int()
-    .min(-1)
-    .default(-1),
+const llamaFields = {
+  n_predict: z.number().int().min(-1).default(-1),
   temperature: z.number().min(0).default(0.8),
   top_k: z.number().int().default(40), // <= 0: no limit
   top_p: z.number().gt(0).max(1).default(0.95),
@@ -113,6 +105,26 @@ export const infillSchema = z.object({
   t_max_predict_ms: z.number().min(0).default(0), // 0: no limit
   n_indent: z.number().int().min(0).default(0),
   ignore_eos: z.boolean().default(false),
+};
+
+export type LlamaBody = z.infer<z.ZodObject<typeof llamaFields>>;
+
+/**
+ * llama.cpp's /infill: `prompt` is text that goes right after the prefix, as llama.cpp's format_infill puts
+ * it; `input_extra` chunks (other files) go before the FIM prompt.
+ */
+export const infillSchema = z.object({
+  ...llamaFields,
+  input_prefix: z.string().default(""),
+  input_suffix: z.string().default(""),
+  input_extra: z.array(z.object({ filename: z.string().default("tmp"), text: z.string() })).default([]),
+  prompt: z.string().default(""),
+});
+
+/** llama.cpp's /completion: the prompt as text or token ids. */
+export const llamaCompletionSchema = z.object({
+  ...llamaFields,
+  prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
 });
 
 export type InfillBody = z.infer<typeof infillSchema>;

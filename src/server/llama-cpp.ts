@@ -1,28 +1,40 @@
+// llama.cpp's own generation routes, which editor plugins (llama.vim, llama.vscode) and other llama.cpp
+// clients speak. Both reply with the fields of llama.cpp's that clients read; a stream sends `{"content",
+// "stop": false}` events and ends with the full result (its content empty, as llama.cpp's), without
+// OpenAI's [DONE].
 import type { FastifyReply, FastifyRequest } from "fastify";
 import type { DoneEvent } from "../runtime/engine.js";
 import type { Tokenizer } from "../tokenizer/tokenizer.js";
 import type { RouteContext } from "./app.js";
 import { type ChoiceBatch, startChoices } from "./choices.js";
-import type { InfillPrompter } from "./infill-prompt.js";
+import type { InfillPrompt, InfillPrompter } from "./infill-prompt.js";
 import { InfillStops } from "./infill-stops.js";
-import { type InfillBody, infillSchema, parseBody } from "./requests.js";
+import { type LlamaBody, infillSchema, llamaCompletionSchema, parseBody } from "./requests.js";
 import { sendEvents } from "./sse.js";
 
 /**
- * POST /infill in llama.cpp's form, which editor plugins (llama.vim, llama.vscode) speak: fill in the
- * middle between input_prefix and input_suffix. The reply carries the fields of llama.cpp's that clients
- * read; a stream sends `{"content", "stop": false}` events and ends with the full result (its content
- * empty, as llama.cpp's), without OpenAI's [DONE]. The prompt is fitted to the context (InfillPrompter).
+ * POST /infill: fill in the middle between input_prefix and input_suffix, the prompt fitted to the context
+ * (InfillPrompter).
  */
 export async function infill(ctx: RouteContext, prompter: InfillPrompter, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
   const body = parseBody(infillSchema, request.body);
+  return generate(ctx, reply, body, prompter.build(body, body.n_predict));
+}
+
+/** POST /completion: a plain completion of text or token ids (special tokens added, as llama.cpp does). */
+export async function llamaCompletion(ctx: RouteContext, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+  const body = parseBody(llamaCompletionSchema, request.body);
+  const ids = typeof body.prompt === "string" ? ctx.engine.tokenizer.encode(body.prompt) : body.prompt;
+  return generate(ctx, reply, body, { ids, truncated: false });
+}
+
+async function generate(ctx: RouteContext, reply: FastifyReply, body: LlamaBody, { ids: prompt, truncated }: InfillPrompt): Promise<unknown> {
   const { config } = ctx.engine;
-  const { ids: prompt, truncated } = prompter.build(body, body.n_predict);
   // n_predict 0 computes the prompt alone: editor plugins (llama.vscode) send their context chunks so, for
   // the prefix cache to hold them before the completions that follow.
   const maxTokens = body.n_predict >= 0 ? body.n_predict : Math.max(1, config.maxPositionEmbeddings - prompt.length);
   const stops = new InfillStops(body.t_max_predict_ms, body.n_indent);
-  const generate = {
+  const request = {
     prompt,
     maxTokens,
     temperature: body.temperature,
@@ -37,10 +49,10 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
     ignoreEos: body.ignore_eos,
     signal: stops.signal,
   };
-  const events = await startChoices(ctx.choicesContext(reply), [generate]);
-  const run: InfillRun = { body, stops, truncated };
+  const events = await startChoices(ctx.choicesContext(reply), [request]);
+  const run: Run = { body, stops, truncated };
   if (body.stream) {
-    return sendEvents(reply, infillEvents(ctx, run, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
+    return sendEvents(reply, streamed(ctx, run, prompt.length, events), { doneMarker: false, onError: ctx.streamError });
   }
   let content = "";
   let done: DoneEvent | undefined;
@@ -50,24 +62,24 @@ export async function infill(ctx: RouteContext, prompter: InfillPrompter, reques
       if (event.type === "done") done = event;
     }
   }
-  return infillResult(ctx, run, done!, content);
+  return result(ctx, run, done!, content);
 }
 
 /** What a request's result reports besides its done event. */
-interface InfillRun {
-  body: InfillBody;
+interface Run {
+  body: LlamaBody;
   stops: InfillStops;
   /** Its prompt left some of the request out, to fit the context. */
   truncated: boolean;
 }
 
-async function* infillEvents(ctx: RouteContext, run: InfillRun, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
+async function* streamed(ctx: RouteContext, run: Run, promptTokens: number, batches: AsyncIterable<ChoiceBatch>): AsyncGenerator<object[]> {
   let predicted = 0;
   for await (const batch of batches) {
     const out: object[] = [];
     for (const { event } of batch) {
       if (event.type === "done") {
-        out.push(infillResult(ctx, run, event, ""));
+        out.push(result(ctx, run, event, ""));
       } else {
         if (event.type === "prompt") continue;
         if (event.type === "token") predicted++;
@@ -79,7 +91,7 @@ async function* infillEvents(ctx: RouteContext, run: InfillRun, promptTokens: nu
   }
 }
 
-function infillResult(ctx: RouteContext, { body, stops, truncated }: InfillRun, done: DoneEvent, content: string): object {
+function result(ctx: RouteContext, { body, stops, truncated }: Run, done: DoneEvent, content: string): object {
   const { stopType, word } = stopOf(ctx.engine.tokenizer, done, body.stop, stops.reached);
   const t = done.timings;
   const promptN = done.promptTokens.length - done.cachedPromptTokens;
